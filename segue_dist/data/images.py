@@ -1,0 +1,112 @@
+"""Decoding and encoding face images safely.
+
+Every decoder in the project goes through ``decode_image`` so corrupt, truncated, CMYK, grayscale, alpha and
+decompression-bomb inputs are handled the same way everywhere: converted to RGB where that is lossless in meaning,
+otherwise rejected with a ``BadImage`` whose message is the one-line reason recorded in stats and quarantine lists.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+# Faces are small; anything over this is a decompression bomb or a mistake, not a face photo.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class BadImage(ValueError):
+    """An input that cannot become an RGB image; ``str(exc)`` is the reason."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> fully loaded RGB PIL image, or ``BadImage`` with the reason."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise BadImage(f"too large: {width}x{height} exceeds {max_pixels} pixels (decompression bomb guard)")
+            img.load()
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"too large: {exc}") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(f"corrupt or truncated image: {exc}") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited on white (a photo's usual background), not dropped."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode == "I;16" or img.mode == "I":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = (arr / max(arr.max(), 1.0) * 255.0).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_center_crop(img: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+    """Resize the short side to the target (antialiased), then centre-crop to ``size`` (int = square, or (h, w))."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    width, height = img.size
+    scale = max(out_w / width, out_h / height)
+    new_w, new_h = max(out_w, round(width * scale)), max(out_h, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
+    return img.crop((left, top, left + out_w, top + out_h))
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL -> float32 CHW in [0, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """RGB PIL -> uint8 CHW (cheaper to ship between loader workers than float)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Float CHW in [0, 1] -> uint8 HWC, rounding to nearest (the quantisation the ε check is made on)."""
+    return x.detach().clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def encode_png(arr: np.ndarray, compress_level: int = 1) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def encode_jpeg(arr: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    return buf.getvalue()
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'jpg' / 'png' / None from magic bytes (extensions lie)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    return None
