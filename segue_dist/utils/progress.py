@@ -1,0 +1,42 @@
+"""Rich progress bars and summary tables, shown by rank 0 only."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console()
+
+
+class _Progress(Progress):
+    """Progress whose tasks always carry an ``info`` field (free text beside the bar: loss, throughput)."""
+
+    def add_task(self, description: str, *args, **kwargs):  # type: ignore[override]
+        kwargs.setdefault("info", "")
+        return super().add_task(description, *args, **kwargs)
+
+
+def make_progress(disable: bool = False) -> Progress:
+    return _Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=disable,
+        transient=False,
+    )
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right" if col not in (columns[0],) else "left")
+    for row in rows:
+        table.add_row(*[str(c) for c in row])
+    console.print(table)
