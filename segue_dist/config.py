@@ -32,7 +32,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded
@@ -137,18 +140,25 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
         return value
     if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        # None (an empty `key:`) and YAML booleans (`yes`, `off`) are almost always a mistake for a string field.
+        if value is None or isinstance(value, (bool, dict, list)):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r} (quote it if it is meant)")
         return str(value)
     return value
 
 
 def _fraction_or_fail(value: Any, key: str) -> float:
-    """Accept ``"8/255"`` for a float: budgets are written that way throughout the literature."""
-    if isinstance(value, str) and "/" in value:
-        num, _, den = value.partition("/")
+    """Accept ``"8/255"`` for a float: budgets are written that way throughout the literature.
+
+    Also ``"1e-3"``: YAML 1.1 (PyYAML) reads an exponent without a dot as a string, not a float.
+    """
+    if isinstance(value, str):
+        text = value.strip()
         try:
-            return float(num) / float(den)
+            if "/" in text:
+                num, _, den = text.partition("/")
+                return float(num) / float(den)
+            return float(text)
         except (ValueError, ZeroDivisionError):
             pass
     raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
@@ -168,5 +178,5 @@ def save_resolved(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> P
     from segue_dist.utils.io import atomic_write_text
 
     out = Path(out_dir) / name
-    atomic_write_text(out, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(out, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
     return out

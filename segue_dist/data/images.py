@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Faces are small; anything over this is a decompression bomb or a mistake, not a face photo.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -25,7 +25,11 @@ class BadImage(ValueError):
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Bytes -> fully loaded RGB PIL image, or ``BadImage`` with the reason."""
+    """Bytes -> fully loaded, upright RGB PIL image, or ``BadImage`` with the reason.
+
+    Any failure inside the decoder (Pillow plugins raise far more than ``OSError`` on hostile input) is a
+    ``BadImage``, so one bad file can never stop a build or a loader.
+    """
     if not data:
         raise BadImage("empty file (0 bytes)")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -37,28 +41,54 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             if width * height > max_pixels:
                 raise BadImage(f"too large: {width}x{height} exceeds {max_pixels} pixels (decompression bomb guard)")
             img.load()
+            img = _upright(img)
+            return to_rgb(img)
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImage(f"too large: {exc}") from None
     except UnidentifiedImageError:
         raise BadImage("not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BadImage(f"corrupt or truncated image: {exc}") from None
-    return to_rgb(img)
+    except Exception as exc:  # noqa: BLE001 - struct.error, IndexError, ... from malformed headers
+        raise BadImage(f"corrupt image ({type(exc).__name__}: {exc})") from None
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phone photos); a broken EXIF block leaves the pixels as stored."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is not a reason to drop the photo
+        return img
+    if orientation in (None, 1):
+        return img
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001
+        return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB; transparency is composited on white (a photo's usual background), not dropped."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if img.mode == "I;16" or img.mode == "I":
+    if img.mode.startswith("I;16"):
+        # 16-bit samples: keep the brightness (full scale is 65535), do not stretch each image to its own max.
+        arr = np.asarray(img, dtype=np.float64) / 257.0
+        return Image.fromarray(arr.round().clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        arr = (arr / max(arr.max(), 1.0) * 255.0).clip(0, 255).astype(np.uint8)
+        peak = float(np.nanmax(arr)) if arr.size else 0.0
+        if peak > 65535.0:
+            arr = arr / peak * 255.0
+        elif peak > 255.0:  # 16-bit data read as 32-bit integers
+            arr = arr / 257.0
+        arr = np.nan_to_num(arr, nan=0.0).round().clip(0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     return img.convert("RGB")
 

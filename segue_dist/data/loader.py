@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from webdataset.tariterators import tarfile_samples
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
 
 from segue_dist.data.images import BadImage, decode_image, pil_to_uint8, resize_center_crop
 from segue_dist.utils.io import read_json
@@ -69,6 +69,10 @@ def open_shard_set(path: str | Path) -> ShardSet:
     missing = [t for t in tars if t not in sizes]
     if missing:
         raise ValueError(f"{root}: shards without a size in sizes.json: {', '.join(missing[:5])}")
+    absent = sorted(set(sizes) - set(tars))
+    if absent:
+        # Counting samples that are not there would make every rank's batches_per_epoch wrong.
+        raise FileNotFoundError(f"{root}: sizes.json lists shards that are missing: {', '.join(absent[:5])}")
     labels_file = root / "labels.json"
     labels = read_json(labels_file)["labels"] if labels_file.is_file() else {}
     return ShardSet(root, tuple(str(root / t) for t in tars), sizes, labels)
@@ -91,7 +95,10 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
 
     yield from tarfile_samples([{"url": url}], handler=keep_going)
     if errors:
-        yield {"__key__": f"{Path(url).stem}:__shard_error__", "__error__": f"unreadable shard {Path(url).name}: {errors[0]}"}
+        yield {
+            "__key__": f"{Path(url).stem}:__shard_error__",
+            "__error__": f"unreadable shard {Path(url).name}: {errors[0]}",
+        }
 
 
 def decode_sample(
@@ -176,22 +183,42 @@ class TrainStream(IterableDataset):
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Select the epoch's stream; ``skip_batches`` fast-forwards past batches a resumed run already did."""
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
         self.epoch, self.skip_batches = epoch, skip_batches
 
-    def _my_batches(self, worker: int, num_workers: int) -> list[int]:
-        # Global batch indices this worker makes, round-robin so a DataLoader yields them in order 0, 1, 2, ...
-        return list(range(worker, self.batches_per_epoch, num_workers))
+    def _role(self, worker: int, num_workers: int) -> int:
+        """Which of the uninterrupted epoch's worker streams this loader worker replays.
+
+        Batch i of an epoch comes from worker stream ``i % num_workers``. A DataLoader always starts its round-robin
+        at worker 0, so after skipping ``n`` batches worker 0 must replay stream ``n % num_workers`` (whose next
+        batch is n), worker 1 stream ``(n + 1) % num_workers`` and so on; then the resumed loader yields batches
+        n, n+1, ... in order, each identical to the uninterrupted run's.
+        """
+        return (worker + self.skip_batches) % num_workers
+
+    def _my_batches(self, role: int, num_workers: int) -> list[int]:
+        # Global batch indices of one worker stream, round-robin so a DataLoader yields them in order 0, 1, 2, ...
+        return list(range(role, self.batches_per_epoch, num_workers))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         worker, num_workers = _worker()
-        mine = self._my_batches(worker, num_workers)
-        rng = random.Random(derive_seed(self.seed, "train", self.epoch, self.rank, worker))
+        role = self._role(worker, num_workers)
+        mine = self._my_batches(role, num_workers)
+        if not any(b >= self.skip_batches for b in mine):
+            return
+        rng = random.Random(derive_seed(self.seed, "train", self.epoch, self.rank, role))
         stream = self._samples(rng)
         for batch_index in mine:
             images, labels, skipped = [], [], 0
             while len(images) < self.batch_size:
                 image, label, bad = next(stream)
                 skipped += bad
+                if images and image.shape != images[0].shape:
+                    raise ValueError(
+                        f"images of different sizes in {self.shard_set.root} ({tuple(images[0].shape)} and "
+                        f"{tuple(image.shape)}); pass image_size to TrainStream"
+                    )
                 images.append(image)
                 labels.append(label)
             if batch_index < self.skip_batches:
@@ -199,37 +226,47 @@ class TrainStream(IterableDataset):
             yield torch.stack(images), torch.tensor(labels, dtype=torch.long), torch.tensor(skipped)
 
     def _samples(self, rng: random.Random) -> Iterator[tuple[torch.Tensor, int, int]]:
-        """Endless shuffled samples; a shard set with no decodable sample at all is an error, not a hang."""
+        """Endless shuffled samples; a shard set with no decodable sample at all is an error, not a hang.
+
+        Shards are drawn with replacement in proportion to their size (a small last shard is not over-sampled), and
+        the shuffle buffer holds at most the whole set: a buffer larger than the set would only fill up with repeats
+        before the first sample came out.
+        """
+        shards = list(self.shard_set.shards)
+        weights = [max(0, self.shard_set.sizes.get(Path(s).name, 0)) for s in shards]
+        if not shards or sum(weights) == 0:
+            raise RuntimeError(f"all shards in {self.shard_set.root} are empty")
+        capacity = max(1, min(self.shuffle_buffer, sum(weights)))
         buffer: list[tuple[torch.Tensor, int]] = []
-        skipped, good_seen, raw_seen = 0, 0, 0
-        shards = self.shard_set.shards
+        skipped, good_seen, raw_seen, empty_passes = 0, 0, 0, 0
         while True:
-            for raw in iter_tar_samples(rng.choice(shards)):
+            shard = rng.choices(shards, weights=weights)[0]
+            raw_in_shard = 0
+            for raw in iter_tar_samples(shard):
                 raw_seen += 1
+                raw_in_shard += 1
                 try:
                     image, label, _ = decode_sample(raw, self.size, self.label_map)
                 except BadImage:
                     skipped += 1
                     if good_seen == 0 and raw_seen > 10_000:
-                        raise RuntimeError(f"no decodable sample in the first 10,000 of {self.shard_set.root}") from None
+                        raise RuntimeError(
+                            f"no decodable sample in the first 10,000 of {self.shard_set.root}"
+                        ) from None
                     continue
                 good_seen += 1
-                if len(buffer) < self.shuffle_buffer:
+                if len(buffer) < capacity:
                     buffer.append((image, label))
                     continue
-                slot = rng.randrange(len(buffer))
+                slot = rng.randrange(capacity)
                 out, buffer[slot] = buffer[slot], (image, label)
                 yield out[0], out[1], skipped
                 skipped = 0
-            if raw_seen == 0:
-                raise RuntimeError(f"all shards in {self.shard_set.root} are empty")
-            # Small sets: drain part of the buffer each pass so the stream starts without reading everything.
-            if len(buffer) >= min(self.shuffle_buffer, self.shard_set.num_samples):
-                rng.shuffle(buffer)
-                while len(buffer) > self.shuffle_buffer // 2:
-                    image, label = buffer.pop()
-                    yield image, label, skipped
-                    skipped = 0
+            empty_passes = 0 if raw_in_shard else empty_passes + 1
+            if empty_passes > 100:
+                raise RuntimeError(f"shards in {self.shard_set.root} hold no samples (100 reads in a row were empty)")
+            if good_seen == 0 and raw_seen > 10_000:
+                raise RuntimeError(f"no decodable sample in the first 10,000 of {self.shard_set.root}")
 
 
 def batches_per_epoch_for(num_samples: int, world_size: int, batch_size: int, samples_per_epoch: int = 0) -> int:
@@ -330,14 +367,22 @@ def _safe_meta(raw: dict[str, Any]) -> dict[str, Any]:
         return {}
 
 
+def _no_collate(item: Any) -> Any:
+    # A module-level function, not a lambda: loader workers started with spawn/forkserver must pickle it.
+    return item
+
+
 def one_pass_loader(stream: OnePassStream, num_workers: int = 2) -> DataLoader:
-    """Records one by one (no collation: images may differ in size, and bad records have none)."""
-    workers = min(num_workers, len(stream.shards))
+    """Records one by one (no collation: images may differ in size, and bad records have none).
+
+    Never more workers than shards: a worker without a shard would only cost a process.
+    """
+    workers = max(0, min(num_workers, len(stream.shards)))
     return DataLoader(
         stream,
         batch_size=None,
         num_workers=workers,
-        collate_fn=lambda x: x,
+        collate_fn=_no_collate,
         prefetch_factor=64 if workers > 0 else None,
     )
 

@@ -18,6 +18,8 @@ def write_sidecar(
     feature_model_sha256: str = "",
     extra: dict[str, Any] | None = None,
 ) -> None:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
     sizes = [0] * k
     for label in labels.values():
         if not 0 <= label < k:
@@ -47,9 +49,23 @@ def read_sidecar(path: str | Path) -> tuple[dict[str, int], int]:
     data = read_json(path)
     if not isinstance(data, dict) or "labels" not in data or "k" not in data:
         raise ValueError(f"{path}: not a pseudo-label sidecar (needs 'k' and 'labels')")
-    k = int(data["k"])
-    labels = {str(key): int(v) for key, v in data["labels"].items()}
+    if not isinstance(data["labels"], dict):
+        raise ValueError(f"{path}: 'labels' must map sample keys to integers")
+    try:
+        k = int(data["k"])
+        labels = {str(key): _as_label(v) for key, v in data["labels"].items()}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if k < 1:
+        raise ValueError(f"{path}: k must be >= 1, got {k}")
     bad = next((key for key, v in labels.items() if not 0 <= v < k), None)
     if bad is not None:
         raise ValueError(f"{path}: label of {bad} outside 0..{k - 1}")
     return labels, k
+
+
+def _as_label(value: object) -> int:
+    # JSON may hold 3 or "3"; 3.5 or true is a broken file, not a label.
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"label {value!r} is not an integer")
+    return int(value)

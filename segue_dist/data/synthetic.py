@@ -79,7 +79,9 @@ def render_face(look: IdentityLook, size: int, rng: random.Random) -> Image.Imag
         draw.ellipse([ex - er * 1.6, ey - er, ex + er * 1.6, ey + er], fill=(245, 245, 245))
         draw.ellipse([ex - er * 0.8, ey - er * 0.8, ex + er * 0.8, ey + er * 0.8], fill=look.eyes)
         if look.glasses:
-            draw.ellipse([ex - er * 2.6, ey - er * 2.2, ex + er * 2.6, ey + er * 2.2], outline=(20, 20, 20), width=scale * 2)
+            draw.ellipse(
+                [ex - er * 2.6, ey - er * 2.2, ex + er * 2.6, ey + er * 2.2], outline=(20, 20, 20), width=scale * 2
+            )
     nose = tuple(max(0, c - 35) for c in look.skin)
     draw.line([cx, ey + er * 2, cx - er, cy + fh * 0.25], fill=nose, width=scale * 2)
     mw, my = s * look.mouth_w * zoom / 2, cy + fh * 0.5

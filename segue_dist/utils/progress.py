@@ -20,6 +20,8 @@ class _Progress(Progress):
 
 
 def make_progress(disable: bool = False) -> Progress:
+    from segue_dist.utils.dist import is_main
+
     return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -28,12 +30,16 @@ def make_progress(disable: bool = False) -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=disable,
+        disable=disable or not is_main(),
         transient=False,
     )
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    from segue_dist.utils.dist import is_main
+
+    if not is_main():
+        return
     table = Table(title=title)
     for col in columns:
         table.add_column(col, justify="right" if col not in (columns[0],) else "left")

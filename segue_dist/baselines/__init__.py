@@ -1,0 +1,182 @@
+"""Baseline availability attacks the Segue paper compares against: random noise, LSP, UE.
+
+Uniform entry point for the evaluation harness::
+
+    delta = make_baseline_perturbations("lsp", images, labels, num_classes=K, eps=8 / 255, seed=0)
+    protected = (images + delta).clamp(0, 1)
+
+Every baseline returns an *effective* ``delta``: ``|delta| <= eps`` and ``images + delta`` already in [0, 1] (up to
+float rounding, hence the clamp above). ``BASELINES`` maps a method name to a function with the same signature as
+:func:`make_baseline_perturbations` minus ``method``.
+
+Per-method keyword options (``**kw``):
+
+* ``"random"``: ``classwise`` (bool, default False), ``base_size`` ((h, w) | None).
+* ``"lsp"``: ``samplewise`` (bool, default True = official), ``patch_grid`` ((gh, gw) | None), ``class_sep``,
+  ``linf_mode`` ("clip" | "rescale").
+* ``"ue"``: any :class:`UEConfig` field (``mode``, ``pgd_steps``, ``train_steps``, ``max_rounds``, ``stop_acc``,
+  ``batch_size``, ``lr``, ...), plus ``device`` and ``progress_callback``. Needs ``model_factory``: a zero-argument
+  callable returning a fresh surrogate ``nn.Module`` (e.g. ``lambda: build_classifier("resnet18", K)``); it is
+  called under a forked RNG seeded from ``seed`` so the surrogate's initialisation is reproducible.
+
+``keys``: stable per-sample ids (dataset indices or shard keys) for the sample-wise random and LSP draws; default
+``range(N)``. Pass the real keys when the same images must get the same noise across differently ordered runs.
+
+Library package: no I/O, no printing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from segue_dist.baselines.lsp import LSP, default_patch_grid
+from segue_dist.baselines.random_noise import RandomNoise
+from segue_dist.baselines.ue import UEConfig, UEResult, generate_ue, run_ue
+from segue_dist.utils.seed import derive_seed
+
+__all__ = [
+    "BASELINES",
+    "LSP",
+    "BaselineFn",
+    "RandomNoise",
+    "UEConfig",
+    "UEResult",
+    "default_patch_grid",
+    "generate_ue",
+    "make_baseline_perturbations",
+    "run_ue",
+]
+
+Key = int | str
+
+
+class BaselineFn(Protocol):
+    def __call__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        num_classes: int,
+        eps: float,
+        seed: int,
+        model_factory: Callable[[], nn.Module] | None = None,
+        keys: Sequence[Key] | None = None,
+        **kw: Any,
+    ) -> Tensor: ...
+
+
+def _check(images: Tensor, labels: Tensor, num_classes: int) -> None:
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"baseline: images must be (N, 3, H, W), got {tuple(images.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"baseline: labels must be (N,) with N = {images.shape[0]}, got {tuple(labels.shape)}")
+    if num_classes < 1:
+        raise ValueError(f"baseline: num_classes must be >= 1, got {num_classes}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"baseline: labels must be in [0, {num_classes})")
+
+
+def _effective(images: Tensor, delta: Tensor) -> Tensor:
+    return (images + delta.to(images.device, images.dtype)).clamp(0.0, 1.0) - images
+
+
+def _keys(keys: Sequence[Key] | None, n: int) -> list[Key]:
+    if keys is None:
+        return list(range(n))
+    ks = list(keys)
+    if len(ks) != n:
+        raise ValueError(f"baseline: got {len(ks)} keys for {n} images")
+    return ks
+
+
+def _random(
+    images: Tensor,
+    labels: Tensor,
+    *,
+    num_classes: int,
+    eps: float,
+    seed: int,
+    model_factory: Callable[[], nn.Module] | None = None,
+    keys: Sequence[Key] | None = None,
+    **kw: Any,
+) -> Tensor:
+    _check(images, labels, num_classes)
+    gen = RandomNoise(eps=eps, seed=seed, **kw)
+    delta = gen.perturbation(labels, _keys(keys, images.shape[0]), size=(images.shape[-2], images.shape[-1]))
+    return _effective(images, delta)
+
+
+def _lsp(
+    images: Tensor,
+    labels: Tensor,
+    *,
+    num_classes: int,
+    eps: float,
+    seed: int,
+    model_factory: Callable[[], nn.Module] | None = None,
+    keys: Sequence[Key] | None = None,
+    **kw: Any,
+) -> Tensor:
+    _check(images, labels, num_classes)
+    gen = LSP(num_classes=num_classes, image_size=(images.shape[-2], images.shape[-1]), eps=eps, seed=seed, **kw)
+    return _effective(images, gen.perturbation(labels, _keys(keys, images.shape[0])))
+
+
+def _ue(
+    images: Tensor,
+    labels: Tensor,
+    *,
+    num_classes: int,
+    eps: float,
+    seed: int,
+    model_factory: Callable[[], nn.Module] | None = None,
+    keys: Sequence[Key] | None = None,
+    **kw: Any,
+) -> Tensor:
+    _check(images, labels, num_classes)
+    if model_factory is None:
+        raise ValueError("baseline 'ue' needs model_factory: a callable returning a fresh surrogate nn.Module")
+    device = kw.pop("device", None)
+    progress_callback = kw.pop("progress_callback", None)
+    cfg = UEConfig(eps=eps, **kw)
+    # Reproducible surrogate init without disturbing the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "ue-surrogate-init"))
+        model = model_factory()
+    result = run_ue(
+        model,
+        images,
+        labels,
+        cfg,
+        num_classes=num_classes,
+        seed=seed,
+        device=device,
+        progress_callback=progress_callback,
+    )
+    return result.delta
+
+
+BASELINES: dict[str, BaselineFn] = {"random": _random, "lsp": _lsp, "ue": _ue}
+
+
+def make_baseline_perturbations(
+    method: str,
+    images: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    eps: float = 8 / 255,
+    seed: int = 0,
+    model_factory: Callable[[], nn.Module] | None = None,
+    keys: Sequence[Key] | None = None,
+    **kw: Any,
+) -> Tensor:
+    """Perturbations ``(N, 3, H, W)`` of one baseline for a labelled image set; see the module docstring."""
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; choose from {sorted(BASELINES)}")
+    return BASELINES[method](
+        images, labels, num_classes=num_classes, eps=eps, seed=seed, model_factory=model_factory, keys=keys, **kw
+    )
