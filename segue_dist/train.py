@@ -355,6 +355,22 @@ def g_step(
     return loss.item(), ce.item(), l2.item()
 
 
+def average_buffers(module: nn.Module, rt: Runtime) -> None:
+    """Average BatchNorm running statistics across ranks (timm's `distribute_bn`).
+
+    DDP runs with broadcast_buffers=False, so each rank's running stats follow its own data; f is used in eval
+    mode during G epochs, and it must be the same function on every rank (and in a resumed run, which loads one
+    copy of the buffers).
+    """
+    if rt.world_size == 1:
+        return
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            reduced = buf.detach().to(rt.comm_device, dtype=torch.float64)
+            dist.all_reduce(reduced)
+            buf.copy_(reduced.div_(rt.world_size).to(buf.device, buf.dtype))
+
+
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(flag)
@@ -372,6 +388,7 @@ def save_checkpoint(g: Runner, f: Runner, position: dict[str, int], rng: torch.G
     from segue_dist.checkpoint import capture_rng, flatten_state, rng_to_tensors, save_state
 
     rng_states = gather_rng_states(rng, rt)
+    rank_buffers = gather_rank_buffers(f.module, rt)
     ckpt = checkpoint_dir(cfg)
     if rt.deepspeed:
         tag = "last"
@@ -393,6 +410,7 @@ def save_checkpoint(g: Runner, f: Runner, position: dict[str, int], rng: torch.G
     rng_tensors, rng_meta = rng_to_tensors(capture_rng())
     tensors.update(rng_tensors)
     tensors["distortion_rng"] = rng_states
+    tensors.update(rank_buffers)
     save_state(ckpt / "last", tensors, {"position": position, "optim": skeleton, "rng": rng_meta, "world_size": rt.world_size})
 
 
@@ -405,6 +423,22 @@ def gather_rng_states(rng: torch.Generator, rt: Runtime) -> torch.Tensor:
     gathered = [torch.empty_like(local) for _ in range(rt.world_size)]
     dist.all_gather(gathered, local)
     return torch.stack(gathered).cpu()
+
+
+def gather_rank_buffers(module: nn.Module, rt: Runtime) -> dict[str, torch.Tensor]:
+    """Each rank's own BatchNorm statistics: inside an f epoch they differ by rank until the epoch-end average."""
+    out: dict[str, torch.Tensor] = {}
+    if rt.world_size == 1:
+        return out
+    for name, buf in module.named_buffers():
+        if not buf.is_floating_point():
+            continue
+        local = buf.detach().to(rt.comm_device)
+        gathered = [torch.empty_like(local) for _ in range(rt.world_size)]
+        dist.all_gather(gathered, local)
+        for r, value in enumerate(gathered):
+            out[f"f.rank{r}.{name}"] = value.cpu()
+    return out
 
 
 def load_checkpoint(g: Runner, f: Runner, rng: torch.Generator, cfg: TrainConfig, rt: Runtime) -> dict[str, int] | None:
@@ -435,6 +469,11 @@ def load_checkpoint(g: Runner, f: Runner, rng: torch.Generator, cfg: TrainConfig
         runner.base_optimizer.load_state_dict(unflatten_state(meta["optim"][f"{name}_optim"], tensors))
     restore_rng(tensors, meta["rng"])
     rng.set_state(tensors["distortion_rng"][rt.rank].clone())
+    with torch.no_grad():
+        for name, buf in f.module.named_buffers():
+            own = tensors.get(f"f.rank{rt.rank}.{name}")
+            if own is not None:
+                buf.copy_(own)
     return meta["position"]
 
 
@@ -554,6 +593,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     logger.log(step, {f"{stage}/loss": loss, f"{stage}/ce": ce, f"{stage}/l2": l2, "epoch": epoch})
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch_index + 1 < batches:
                     save_checkpoint(g, f, {"epoch": epoch, "batch": batch_index + 1, "step": step}, rng, cfg, rt)
+            if stage == "f":
+                average_buffers(f.module, rt)
             # Ranks see the same number of batches, so these means are over the same count everywhere.
             n = max(seen, 1)
             mean_loss, mean_ce, mean_l2, mean_skipped = rt.mean_across_ranks(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -25,20 +25,30 @@ from segue_dist.baselines import (
 EPS = 8 / 255
 K, PER, SIZE = 4, 16, 32
 # Tiny UE budget: enough rounds for the min-min loop to bite on 64 images, seconds on 2 CPU cores.
-UE_FAST: dict[str, Any] = {"pgd_steps": 5, "train_steps": 5, "max_rounds": 4, "batch_size": 32}
+UE_FAST: dict[str, Any] = {"pgd_steps": 3, "train_steps": 3, "max_rounds": 2, "batch_size": 32}
 
 
-def tiny_cnn(num_classes: int = K) -> nn.Module:
+def tiny_cnn(num_classes: int = K, size: int = SIZE) -> nn.Module:
+    # No global pooling: a flattened spatial map keeps the surrogate sensitive to small pixel patterns, as ResNets are.
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
+        nn.Conv2d(3, 8, 3, padding=1),
         nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
+        nn.Conv2d(8, 16, 3, padding=1),
         nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
+        nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(32, num_classes),
+        nn.Linear(16 * (size // 4) ** 2, num_classes),
     )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny convolutions gain nothing from intra-op threads and lose a lot to contention on a busy 2-core box.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +62,15 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-CASES: list[tuple[str, dict[str, Any]]] = [
-    ("random", {}),
-    ("random", {"classwise": True}),
-    ("lsp", {}),
-    ("lsp", {"samplewise": False}),
-    ("lsp", {"linf_mode": "rescale"}),
-    ("ue", {"mode": "samplewise", **UE_FAST}),
-    ("ue", {"mode": "classwise", **UE_FAST}),
-]
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "random-samplewise": ("random", {}),
+    "random-classwise": ("random", {"classwise": True}),
+    "lsp-samplewise": ("lsp", {}),
+    "lsp-classwise": ("lsp", {"samplewise": False}),
+    "lsp-rescale": ("lsp", {"linf_mode": "rescale"}),
+    "ue-samplewise": ("ue", {"mode": "samplewise", **UE_FAST}),
+    "ue-classwise": ("ue", {"mode": "classwise", **UE_FAST}),
+}
 
 
 def _make(method: str, kw: dict[str, Any], x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -68,8 +78,10 @@ def _make(method: str, kw: dict[str, Any], x: torch.Tensor, y: torch.Tensor, see
     return make_baseline_perturbations(method, x, y, num_classes=K, eps=EPS, seed=seed, model_factory=factory, **kw)
 
 
-@pytest.mark.parametrize(("method", "kw"), CASES, ids=[f"{m}-{kw.get('mode', kw)}" for m, kw in CASES])
-def test_budget_validity_and_determinism(method: str, kw: dict[str, Any], data: tuple[torch.Tensor, torch.Tensor]) -> None:
+@pytest.mark.parametrize(("method", "kw"), list(CASES.values()), ids=list(CASES))
+def test_budget_validity_and_determinism(
+    method: str, kw: dict[str, Any], data: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     x, y = data
     rng_before = torch.get_rng_state()
     d1 = _make(method, kw, x, y, seed=0)
@@ -191,9 +203,10 @@ def test_lsp_perturbations_are_linearly_separable() -> None:
         clf = LogisticRegression(max_iter=3000).fit(f[train], y[train].numpy())
         return clf.score(f[train], y[train].numpy()), clf.score(f[test], y[test].numpy())
 
-    lsp_train, lsp_test = probe(LSP(n_cls, (SIZE, SIZE), eps=EPS, seed=0).perturbation(y, keys))
+    side = 16  # 768 features: enough for the 4x4 grid, keeps the probe fast
+    lsp_train, lsp_test = probe(LSP(n_cls, (side, side), eps=EPS, seed=0).perturbation(y, keys))
     assert lsp_train == 1.0 and lsp_test >= 0.95
-    _, rnd_test = probe(RandomNoise(eps=EPS, seed=0).perturbation(y, keys, size=(SIZE, SIZE)))
+    _, rnd_test = probe(RandomNoise(eps=EPS, seed=0).perturbation(y, keys, size=(side, side)))
     assert rnd_test < 0.4  # chance is 1/8: sample-wise random noise carries no class signal
 
 
@@ -205,28 +218,36 @@ def _ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("mode", ["samplewise", "classwise"])
-def test_ue_is_error_minimising(mode: str, data: tuple[torch.Tensor, torch.Tensor]) -> None:
-    x, y = data
+def test_ue_is_error_minimising(mode: str) -> None:
+    size = 16
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(K * PER, 3, size, size, generator=g)
+    x[:, :, :2] = 1.0
+    y = torch.arange(K).repeat_interleave(PER)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = tiny_cnn()
+        model = tiny_cnn(size=size)
     calls: list[tuple[int, float]] = []
     res = run_ue(
         model,
         x,
         y,
-        UEConfig(mode=mode, pgd_steps=10, train_steps=10, max_rounds=8, batch_size=32),  # type: ignore[arg-type]
+        UEConfig(mode=mode, pgd_steps=10, train_steps=10, max_rounds=6, batch_size=32),  # type: ignore[arg-type]
         seed=0,
         progress_callback=lambda r, a: calls.append((r, a)),
     )
     assert calls == res.history and len(calls) == res.rounds and calls[0][0] == 1
     assert float(res.delta.abs().max()) <= EPS + 1e-6
-    # The min-min noise makes the images *easier* for the surrogate it was optimised with.
-    clean, unlearnable = _ce(model, x, y), _ce(model, (x + res.delta).clamp(0, 1), y)
-    assert unlearnable < 0.8 * clean, (clean, unlearnable)
+    # The min-min noise makes the images *easier* for the surrogate it was optimised with; random noise of the same
+    # budget does not.
+    random_delta = (torch.rand(x.shape, generator=g) * 2 - 1) * EPS
+    clean = _ce(model, x, y)
+    rand = _ce(model, (x + random_delta).clamp(0, 1), y)
+    unlearnable = _ce(model, (x + res.delta).clamp(0, 1), y)
+    assert unlearnable < clean - 0.05 and unlearnable < rand - 0.05, (clean, rand, unlearnable)
     if mode == "classwise":
         cn = res.class_noise
-        assert cn is not None and cn.shape == (K, 3, SIZE, SIZE)
+        assert cn is not None and cn.shape == (K, 3, size, size)
         assert float(cn.abs().max()) <= EPS + 1e-6
         torch.testing.assert_close(res.delta, (x + cn[y]).clamp(0, 1) - x)
         assert torch.unique(cn.flatten(1), dim=0).shape[0] == K
@@ -257,3 +278,17 @@ def test_generate_ue_returns_delta(data: tuple[torch.Tensor, torch.Tensor]) -> N
     with pytest.raises(ValueError, match="labels"):
         generate_ue(tiny_cnn(), x[:4], y[:3])
     assert np.isfinite(float(d.sum()))
+
+
+def test_ue_batchnorm_surrogate_with_ragged_batches() -> None:
+    """N % batch_size == 1 must not hand BatchNorm a training batch of one image."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.rand(17, 3, 16, 16, generator=g)
+    y = torch.arange(17) % K
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, K)
+    )
+    for mode in ("samplewise", "classwise"):
+        res = run_ue(model, x, y, UEConfig(mode=mode, pgd_steps=2, train_steps=4, max_rounds=2, batch_size=8))  # type: ignore[arg-type]
+        assert res.delta.shape == x.shape and float(res.delta.abs().max()) <= EPS + 1e-6
+    assert model.training, "the surrogate's train/eval mode is restored"

@@ -143,6 +143,10 @@ class _Cycler:
     def next(self) -> Tensor:
         if not self.queue:
             self.queue = _batches(torch.randperm(self.n, generator=self.gen), self.batch_size)
+            # drop_last, as the official loader: a trailing batch of 1 would crash BatchNorm in train mode, and the
+            # reshuffle every epoch still visits every image.
+            if len(self.queue) > 1 and self.queue[-1].numel() < self.batch_size:
+                self.queue.pop()
         return self.queue.pop(0)
 
 

@@ -1,4 +1,8 @@
-"""Evaluation metrics (library code: tensors in, tensors/floats out, no I/O)."""
+"""Evaluation metrics (library code: tensors in, tensors/floats out, no I/O).
+
+The batch summary is exported as ``quality_summary``: exporting it as ``image_quality`` would shadow the
+``image_quality`` submodule on the package.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ from segue_dist.metrics.image_quality import (
     MS_SSIM_MIN_SIDE,
     MS_SSIM_WEIGHTS,
     PSNR_CAP_DB,
-    image_quality,
     image_quality_per_image,
     linf,
     lpips,
@@ -18,13 +21,16 @@ from segue_dist.metrics.image_quality import (
     rmse,
     ssim,
 )
+from segue_dist.metrics.image_quality import (
+    image_quality as quality_summary,
+)
 
 __all__ = [
     "LPIPS",
     "MS_SSIM_MIN_SIDE",
     "MS_SSIM_WEIGHTS",
     "PSNR_CAP_DB",
-    "image_quality",
+    "quality_summary",
     "image_quality_per_image",
     "linf",
     "lpips",

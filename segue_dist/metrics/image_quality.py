@@ -124,7 +124,9 @@ def _ssim_components(x: Tensor, y: Tensor, data_range: float, win: Tensor) -> tu
 def _check_ssim_size(x: Tensor, name: str) -> None:
     h, w = x.shape[-2:]
     if min(h, w) < _SSIM_WIN:
-        raise ValueError(f"{name}: images must be at least {_SSIM_WIN}x{_SSIM_WIN} for the {_SSIM_WIN}x{_SSIM_WIN} window, got {h}x{w}")
+        raise ValueError(
+            f"{name}: images must be at least {_SSIM_WIN}x{_SSIM_WIN} for the {_SSIM_WIN}x{_SSIM_WIN} window, got {h}x{w}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -418,7 +420,10 @@ def lpips_available(
         return True, f"LPIPS uncalibrated (baseline variant, uniform weights): no lin weights given; backbone {bp}"
     lp = Path(lin_weights)
     if not lp.is_file():
-        return False, f"LPIPS disabled: lin weights not found at {lp} (pass lin_weights=None for the uncalibrated variant)"
+        return (
+            False,
+            f"LPIPS disabled: lin weights not found at {lp} (pass lin_weights=None for the uncalibrated variant)",
+        )
     if lp.stat().st_size == 0 or not os.access(lp, os.R_OK):
         return False, f"LPIPS disabled: lin weights file {lp} is empty or unreadable"
     return True, f"LPIPS v0.1 calibrated: backbone {bp}, lin {lp}"

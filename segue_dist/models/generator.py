@@ -104,7 +104,13 @@ class ConvNormReLU(nn.Sequential):
         if transposed:
             # kernel 3, padding 1, output_padding 1: exactly doubles the size.
             conv: nn.Module = nn.ConvTranspose2d(
-                in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2, output_padding=stride - 1, bias=False
+                in_ch,
+                out_ch,
+                kernel_size,
+                stride=stride,
+                padding=kernel_size // 2,
+                output_padding=stride - 1,
+                bias=False,
             )
         else:
             # Reflect padding at stride 1 avoids a dark frame in the perturbation; strided convs keep zeros.
@@ -117,9 +123,7 @@ class ConvNormReLU(nn.Sequential):
                 padding_mode="reflect" if stride == 1 else "zeros",
                 bias=False,
             )
-        super().__init__(
-            OrderedDict(conv=conv, norm=nn.InstanceNorm2d(out_ch, affine=True), act=nn.ReLU(inplace=True))
-        )
+        super().__init__(OrderedDict(conv=conv, norm=nn.InstanceNorm2d(out_ch, affine=True), act=nn.ReLU(inplace=True)))
 
 
 class ResidualBlock(nn.Module):
