@@ -7,6 +7,7 @@ one-line error that names the key and what is allowed instead of a silently igno
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -43,6 +44,32 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
         key, value = parse_override(item)
         set_dotted(data, key, value)
     return from_dict(cls, data)
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Parses positionals wherever they stand, so `build --src a --out b lr=1e-3` keeps its trailing overrides.
+
+    Plain argparse binds a ``nargs="*"`` positional at its first chance (right after the sub-command's first
+    positional) and then rejects ``key=value`` words that follow options as unrecognised arguments.
+    """
+
+    _parsing = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._parsing:
+            return super().parse_known_args(args, namespace)
+        self._parsing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing = False
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser, dest: str = "overrides") -> None:
+    """Add the trailing ``key.sub=value`` overrides positional to a (sub-command) parser, anywhere on the line."""
+    parser.add_argument(dest, nargs="*", default=[], help="config overrides, key.sub=value (floats may be 8/255)")
+    if type(parser) is argparse.ArgumentParser:
+        parser.__class__ = _IntermixedParser
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -165,7 +192,22 @@ def _fraction_or_fail(value: Any, key: str) -> float:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """A config dataclass (or a mapping that may hold some) as plain dicts and lists."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.asdict(cfg)
+    if isinstance(cfg, Mapping):
+        return {key: _plain(value) for key, value in cfg.items()}
+    raise TypeError(f"expected a config dataclass or a mapping, got {type(cfg).__name__}")
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return {key: _plain(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def config_hash(cfg: Any) -> str:

@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
-from segue_dist.config import ConfigError, load_config, save_resolved
+from segue_dist.config import ConfigError, add_overrides_argument, load_config, save_resolved
 from segue_dist.data.images import (
     IMAGE_EXTENSIONS,
     BadImage,
@@ -227,16 +226,24 @@ def list_tar_inputs(
                 notes.append(f"input tar {tar_path} unreadable after {len(groups)} samples: {exc}")
         rel_parts = () if src.is_file() else tar_path.relative_to(src).parts[:-1]
         split = _split_of(rel_parts)
+        no_image, no_identity = 0, 0
         for stem in sorted(groups):
             group = groups[stem]
             if "image" not in group:
+                no_image += 1
                 continue
             identity = _identity_from_tar_sample(group, identity_field)
             if identity is None:
+                no_identity += 1
                 continue
             name, offset, size = group["image"]
             items.append(
                 SourceItem(_nfc(identity), f"{tar_path}{TAR_SEP}{name}", split, str(tar_path), name, offset, size)
+            )
+        if notes is not None and (no_image or no_identity):
+            notes.append(
+                f"input tar {tar_path}: {no_image} samples without an image and {no_identity} without an identity "
+                f"(json field '{identity_field}', .cls or .txt) were not listed"
             )
     return items
 
@@ -424,12 +431,33 @@ def prepare_image(data: bytes, target: tuple[int, int] | None, jpeg_quality: int
     return "png", encode_png(arr, compress_level=6), orig_size, "; ".join(notes)
 
 
+class ShardWriter:
+    """WebDataset tar writer (the member layout of ``webdataset.TarWriter``: ``<key>.<field>``, fields sorted, USTAR,
+    read-only mode, fixed owner and mtime), in plain ``tarfile``: importing webdataset imports torch, which the shard
+    builder does not need and which costs seconds per process."""
+
+    def __init__(self, fileobj: Any) -> None:
+        self.tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - closed by close()
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"]
+        for field_name in sorted(k for k in sample if not k.startswith("_")):
+            data = sample[field_name]
+            info = tarfile.TarInfo(f"{key}.{field_name}")
+            info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+            info.uname = info.gname = "bigdata"
+            self.tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self.tar.close()
+
+
 def write_shard(tar_path: Path, samples: list[PlannedSample], cfg: ShardsConfig, src_root: str) -> dict[str, Any]:
     """Write one shard atomically and return its stats (the caller writes them last)."""
     stats: dict[str, Any] = {"shard": tar_path.name, "planned": len(samples), "written": 0, "skipped": 0}
     skipped, converted = [], []
     with atomic_open(tar_path, "wb") as fh:
-        sink = wds.TarWriter(fh, mtime=TAR_MTIME, encoder=False)
+        sink = ShardWriter(fh)
         for sample in samples:
             source = _relative(sample.source, src_root)
             try:
@@ -662,7 +690,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--workers", type=int)
     parser.add_argument("--identity-field", type=str)
-    parser.add_argument("overrides", nargs="*", default=[], help="extra key=value overrides")
+    add_overrides_argument(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> ShardsConfig:
@@ -672,7 +700,9 @@ def config_from_args(args: argparse.Namespace) -> ShardsConfig:
         if value is None:
             continue
         if name == "size":
-            value = "[" + ",".join(str(_side(v, args.size)) for v in str(value).lower().replace("×", "x").split("x")) + "]"
+            value = (
+                "[" + ",".join(str(_side(v, args.size)) for v in str(value).lower().replace("×", "x").split("x")) + "]"
+            )
         elif isinstance(value, str):
             # A path is a string whatever it looks like to YAML ("yes", "null", "a: b", "#x", "[1]"): quote it.
             value = json.dumps(value, ensure_ascii=False)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 # Faces are small; anything over this is a decompression bomb or a mistake, not a face photo.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -107,17 +110,23 @@ def resize_center_crop(img: Image.Image, size: int | tuple[int, int]) -> Image.I
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL -> float32 CHW in [0, 1]."""
+    import torch  # imported here so decoding alone (the shard builder) never pays for importing torch
+
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
     """RGB PIL -> uint8 CHW (cheaper to ship between loader workers than float)."""
+    import torch
+
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     """Float CHW in [0, 1] -> uint8 HWC, rounding to nearest (the quantisation the ε check is made on)."""
+    import torch
+
     return x.detach().clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 

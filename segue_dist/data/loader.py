@@ -228,19 +228,20 @@ class TrainStream(IterableDataset):
     def _samples(self, rng: random.Random) -> Iterator[tuple[torch.Tensor, int, int]]:
         """Endless shuffled samples; a shard set with no decodable sample at all is an error, not a hang.
 
-        Shards are drawn with replacement in proportion to their size (a small last shard is not over-sampled), and
-        the shuffle buffer holds at most the whole set: a buffer larger than the set would only fill up with repeats
+        Shards are drawn uniformly with replacement (each draw yields all of a shard, so every sample has the same
+        chance 1/num_shards per draw whatever its shard's size); shards recorded as empty are never drawn. The
+        shuffle buffer holds at most the whole set: a buffer larger than the set would only fill up with repeats
         before the first sample came out.
         """
-        shards = list(self.shard_set.shards)
-        weights = [max(0, self.shard_set.sizes.get(Path(s).name, 0)) for s in shards]
-        if not shards or sum(weights) == 0:
+        shards = [s for s in self.shard_set.shards if self.shard_set.sizes.get(Path(s).name, 1) > 0]
+        if not shards:
             raise RuntimeError(f"all shards in {self.shard_set.root} are empty")
-        capacity = max(1, min(self.shuffle_buffer, sum(weights)))
+        capacity = max(1, min(self.shuffle_buffer, self.shard_set.num_samples))
         buffer: list[tuple[torch.Tensor, int]] = []
         skipped, good_seen, raw_seen, empty_passes = 0, 0, 0, 0
+        read_in_full: set[str] = set()
         while True:
-            shard = rng.choices(shards, weights=weights)[0]
+            shard = rng.choice(shards)
             raw_in_shard = 0
             for raw in iter_tar_samples(shard):
                 raw_seen += 1
@@ -265,8 +266,10 @@ class TrainStream(IterableDataset):
             empty_passes = 0 if raw_in_shard else empty_passes + 1
             if empty_passes > 100:
                 raise RuntimeError(f"shards in {self.shard_set.root} hold no samples (100 reads in a row were empty)")
-            if good_seen == 0 and raw_seen > 10_000:
-                raise RuntimeError(f"no decodable sample in the first 10,000 of {self.shard_set.root}")
+            if good_seen == 0:
+                read_in_full.add(shard)
+                if len(read_in_full) == len(shards):
+                    raise RuntimeError(f"no decodable sample in any shard of {self.shard_set.root}")
 
 
 def batches_per_epoch_for(num_samples: int, world_size: int, batch_size: int, samples_per_epoch: int = 0) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -19,9 +21,16 @@ class _Progress(Progress):
         return super().add_task(description, *args, **kwargs)
 
 
-def make_progress(disable: bool = False) -> Progress:
-    from segue_dist.utils.dist import is_main
+def _is_main() -> bool:
+    """Rank 0 (or no launcher), without importing torch for stages that never use it."""
+    if "torch.distributed" in sys.modules:
+        from segue_dist.utils.dist import is_main
 
+        return is_main()
+    return os.environ.get("RANK", "0") == "0"
+
+
+def make_progress(disable: bool = False) -> Progress:
     return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -30,15 +39,13 @@ def make_progress(disable: bool = False) -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=disable or not is_main(),
+        disable=disable or not _is_main(),
         transient=False,
     )
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    from segue_dist.utils.dist import is_main
-
-    if not is_main():
+    if not _is_main():
         return
     table = Table(title=title)
     for col in columns:

@@ -6,10 +6,11 @@ import os
 import random
 
 import numpy as np
-import torch
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
+    import torch  # here, not at the top: derive_seed is used by stages that never touch torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -28,6 +29,8 @@ def derive_seed(*parts: int | str) -> int:
 
 
 def rng_state() -> dict[str, object]:
+    import torch
+
     state: dict[str, object] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
