@@ -27,7 +27,7 @@ Everything that could depend on which process holds which rows is defined on the
 3. Per-centroid sums are accumulated in 64-bit *fixed point* (each float32 value scaled by a power of two chosen
    from the global max magnitude and rounded to int64). Integer addition is associative, so the reduced sums are
    exact whatever the order of atomics, threads or ranks; the quantisation step is below float32 resolution of
-   the centroids (about 2**-40 for a million unit-norm features).
+   the centroids (2**-42 for a million unit-norm features).
 4. Centroid updates, empty-cluster splits, objectives and the best-of-``nredo`` choice are computed from the
    reduced tensors only, identically on every process, so no process ever decides anything alone.
 
@@ -91,7 +91,9 @@ class KMeansConfig:
     ``init='kmeans++'`` (default) seeds with D^2 sampling on a random subset of ``k * init_points_per_centroid``
     training points: plain random seeding (FAISS' default, ``init='random'``) often puts two centroids in one
     identity and merges two others, a local minimum Lloyd never leaves, and Segue needs > 80% accuracy. The subset
-    bounds the sequential k-means++ cost at O(k^2 * init_points_per_centroid * d) instead of O(k * n * d). ``chunk_bytes`` bounds the working memory of one block of the
+    bounds the sequential k-means++ cost at O(k^2 * init_points_per_centroid * d) instead of O(k * n * d); with
+    imbalanced cluster sizes 32 points per centroid matched scikit-learn's full-data k-means++ in accuracy, 8 lost
+    about 3 points (small clusters got no candidate). ``chunk_bytes`` bounds the working memory of one block of the
     (points x centroids) score matrix. It is part of the algorithm's definition for the torch backend (block
     boundaries), so every process of a distributed run must use the same value.
     """
@@ -103,7 +105,7 @@ class KMeansConfig:
     nredo: int = 1
     max_points_per_centroid: int = 256
     init: Init = "kmeans++"
-    init_points_per_centroid: int = 8
+    init_points_per_centroid: int = 32
     backend: Backend = "auto"
     gpu: GpuPolicy = "auto"
     chunk_bytes: int = _DEFAULT_CHUNK_BYTES
@@ -250,11 +252,12 @@ class _Rows:
 
 
 def _block_rows(chunk_bytes: int, k: int, d: int, n_order: int) -> int:
-    """Rows per score block: scores (4k bytes per row) plus the float32/float64/int64 copies of the row (20d).
+    """Rows per score block: scores (4k bytes per row) plus the row's float32 copy and its float64/int64
+    temporaries in the fixed-point sums (about 36d bytes).
 
     Depends only on global quantities, so every process of a distributed run gets the same block boundaries.
     """
-    rows = max(1, chunk_bytes // (4 * k + 20 * d))
+    rows = max(1, chunk_bytes // (4 * k + 36 * d))
     return max(1, min(rows, n_order))
 
 
@@ -402,7 +405,46 @@ def _gather_positions(x_train: torch.Tensor, t_off: int, positions: np.ndarray, 
     return comm.all_reduce_(buf, "sum") + 0.0
 
 
-def _kmeanspp(points: torch.Tensor, k: int, rng: np.random.Generator, max_sq: float) -> torch.Tensor:
+class _KMeansPPState:
+    """Device-resident state of greedy k-means++ so one step is a fixed sequence of kernels with no host sync."""
+
+    def __init__(self, points: torch.Tensor, k: int, uniforms: torch.Tensor, first: int, scale: float) -> None:
+        device = points.device
+        self.points = points
+        self.uniforms = uniforms  # (k, trials) float64
+        # Fixed-point squared norms; distances are then integer sums, so weights, cumulative sums and potentials
+        # are exact whatever the scan order or parallelism of the device.
+        self.pn_q = _quantise((points.double() ** 2).sum(dim=1), scale)
+        self.two_scale = 2.0 * scale
+        self.chosen = torch.zeros(k, dtype=torch.int64, device=device)
+        self.chosen[0] = first
+        self.j = torch.ones(1, dtype=torch.int64, device=device)  # next seed to choose
+        first_t = torch.tensor([first], dtype=torch.int64, device=device)
+        self.d2 = self._dist_q(first_t)[:, 0].contiguous()
+
+    def _dist_q(self, idx: torch.Tensor) -> torch.Tensor:
+        """Fixed-point |p - c|^2 for all points p and the points idx (s, len(idx)), clamped at 0."""
+        ip = self.points @ self.points[idx].T  # float32; x2^s scaling is exact in float64
+        dq = self.pn_q[:, None] + self.pn_q[idx][None, :] - torch.round(ip.double() * self.two_scale).long()
+        return dq.clamp_min_(0)
+
+    def step(self) -> None:
+        cum = torch.cumsum(self.d2, dim=0)
+        total = cum[-1:]
+        u = self.uniforms.index_select(0, self.j)[0]
+        # target in [0, total); when every weight is 0 (fewer distinct points than k) target is -1 -> index 0.
+        target = torch.minimum((u * total.double()).long(), total - 1)
+        idx = torch.searchsorted(cum, target, right=True)
+        newd = torch.minimum(self._dist_q(idx), self.d2[:, None])
+        best = torch.argmin(newd.sum(dim=0)).reshape(1)  # first minimum on ties
+        self.chosen.index_copy_(0, self.j, idx.index_select(0, best))
+        self.d2.copy_(newd.index_select(1, best)[:, 0])
+        self.j.add_(1)
+
+
+def _kmeanspp(
+    points: torch.Tensor, k: int, rng: np.random.Generator, max_sq: float, graph: bool | None = None
+) -> torch.Tensor:
     """Greedy k-means++ seeds from ``points`` (s, d) float32; deterministic given the rng.
 
     Each step draws 2 + ln(k) candidates by D^2 sampling and keeps the one that lowers the potential most
@@ -410,36 +452,39 @@ def _kmeanspp(points: torch.Tensor, k: int, rng: np.random.Generator, max_sq: fl
     skips clusters, because the many points near existing seeds carry as much D^2 mass as the few far away.
     Scoring all candidates is one GEMM over the points, about the memory traffic of scoring one.
 
-    D^2 weights and potentials are summed in int64 fixed point, so the sampled index and the argmin do not depend
-    on scan order or device parallelism. The loop never waits on the host: uniforms are drawn up front and
-    indices stay on the device.
+    The k steps are sequential and each is small. Eagerly, the ~20 kernel launches per step dominate on a GPU
+    (k=10k, 320k candidates, d=512: ~7 s on an H200); on CUDA (``graph=None``) one step is captured as a CUDA graph
+    and replayed, the same kernels on the same data, so the result is bitwise the eager one (tested), and the cost
+    becomes the skinny GEMM's memory traffic (~5 s there at 32 candidates per seed, ~1.8 s at 8).
     """
     s, _ = points.shape
-    device = points.device
     trials = 2 + int(math.log(k)) if k > 1 else 1
     first = int(rng.integers(s))
-    uniforms = torch.from_numpy(rng.random((k, trials))).to(device)
-    pn = (points.double() ** 2).sum(dim=1)
+    uniforms = torch.from_numpy(rng.random((k, trials))).to(points.device)
     # Squared distances between points are at most (2 max|x|)^2; s of them must fit the fixed-point range.
-    scale = _fixed_point_scale(s * 4.0 * max_sq)
-
-    chosen = torch.empty(k, dtype=torch.int64, device=device)
-    chosen[0] = first
+    state = _KMeansPPState(points, k, uniforms, first, _fixed_point_scale(s * 4.0 * max_sq))
+    if graph is None:
+        graph = points.is_cuda and k > 3
     with _ieee_fp32_matmul():
-        c0 = points[first].double()
-        d2 = (pn - 2.0 * (points @ points[first]).double() + (c0 * c0).sum()).clamp_min(0.0)
-        for j in range(1, k):
-            cum = torch.cumsum(_quantise(d2, scale), dim=0)
-            total = cum[-1]
-            targets = torch.floor(uniforms[j] * total.double()).long().clamp(max=total - 1).clamp(min=0)
-            idx = torch.searchsorted(cum, targets, right=True).clamp(max=s - 1)
-            cand = points[idx]
-            dc = pn[:, None] - 2.0 * (points @ cand.T).double() + (cand.double() ** 2).sum(dim=1)[None, :]
-            newd = torch.minimum(d2[:, None], dc.clamp_min(0.0))
-            best = torch.argmin(_quantise(newd, scale).sum(dim=0))  # first minimum on ties
-            chosen[j] = idx[best]
-            d2 = newd[:, best]
-    return points[chosen]
+        if not graph or k <= 3:
+            for _ in range(1, k):
+                state.step()
+        else:
+            # Warm up on a side stream (lazy cuBLAS/CUB initialisation must not happen during capture); the
+            # warm-up step is a real step (j = 1). Capture records step j without running it; replay the rest.
+            side = torch.cuda.Stream(device=points.device)
+            side.wait_stream(torch.cuda.current_stream(points.device))
+            with torch.cuda.stream(side):
+                state.step()
+            torch.cuda.current_stream(points.device).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                state.step()
+            for _ in range(2, k):
+                g.replay()
+            torch.cuda.synchronize(points.device)
+            del g
+    return points[state.chosen]
 
 
 def _initial_centroids(
@@ -461,28 +506,46 @@ def _split_direction(d: int, cfg: KMeansConfig, redo: int, it: int, ci: int, dev
 
 
 def _refill_empty(
-    cent: torch.Tensor, counts: torch.Tensor, cfg: KMeansConfig, redo: int, it: int, data_scale: float
+    cent: torch.Tensor,
+    counts: torch.Tensor,
+    sse: torch.Tensor,
+    cfg: KMeansConfig,
+    redo: int,
+    it: int,
+    data_scale: float,
 ) -> int:
-    """Refill empty clusters in place by splitting the largest ones (FAISS' strategy, made deterministic).
+    """Refill empty clusters in place by splitting the clusters with the largest squared error.
 
-    The largest cluster's centroid c is replaced by c - e*r and the empty one set to c + e*r for a seeded random
-    unit direction r: the next assignment cuts that cluster in two by the hyperplane through c orthogonal to r.
-    Only global tensors are used, so every process makes the same choice. Returns the number of splits.
+    The chosen cluster's centroid c (the mean of its points, or its direction when spherical) becomes c - e*r and
+    the empty one c + e*r, with r a seeded random unit direction orthogonal to c. The next assignment then cuts
+    the cluster by the hyperplane through its mean orthogonal to r, which always leaves points on both sides of a
+    cluster whose points are not all equal (a mean lies strictly inside its points' hull). Choosing by squared
+    error rather than size (FAISS picks by size) matters: a large cluster of identical points cannot be split, and
+    an empty cluster would stay empty. Only global tensors are used, so every process makes the same choice.
+    Returns the number of splits.
     """
     empty = torch.nonzero(counts == 0).flatten().tolist()
     if not empty:
         return 0
-    work = counts.clone()
+    # Clusters of one point have zero error; if no cluster can be split (fewer distinct points than k) fall back
+    # to the most populated one, which is harmless.
+    score = torch.where(counts > 1, sse, torch.zeros_like(sse))
+    if not bool((score > 0).any()):
+        score = counts.double()
+    score = score.clone()
     for ci in empty:
-        cj = int(torch.argmax(work))  # first maximum: lowest index among equally large clusters
+        cj = int(torch.argmax(score))  # first maximum: lowest index among ties
         c = cent[cj].clone()
-        eps = _SPLIT_EPS * max(float(torch.linalg.vector_norm(c)), data_scale)
         r = _split_direction(cent.shape[1], cfg, redo, it, ci, cent.device)
+        cn2 = float((c * c).sum())
+        if cn2 > 0:  # orthogonal to c: equal norms, so spherical renormalisation keeps the boundary through c
+            r = r - (float((r * c).sum()) / cn2) * c
+            r = r / torch.linalg.vector_norm(r).clamp_min(1e-300)
+        eps = _SPLIT_EPS * max(math.sqrt(cn2), data_scale)
         cent[ci] = c + eps * r
         cent[cj] = c - eps * r
-        half = work[cj] // 2
-        work[ci] = half
-        work[cj] -= half
+        score[cj] = score[cj] / 2
+        score[ci] = score[cj]
     return len(empty)
 
 
@@ -498,7 +561,13 @@ class _Pass:
 
     sums: torch.Tensor  # (k, d) float64, exact sum of assigned points
     counts: torch.Tensor  # (k,) int64
-    sqnorm: float  # exact sum of |x|^2 over the rows
+    sqnorms: torch.Tensor  # (k,) float64, exact sum of |x|^2 of assigned points
+    sqnorm: float  # exact sum of |x|^2 over all the rows
+
+    def cluster_sse(self) -> torch.Tensor:
+        """Squared error of each cluster around its own mean: sum |x|^2 - |sum x|^2 / n."""
+        n = self.counts.clamp_min(1).double()
+        return (self.sqnorms - (self.sums * self.sums).sum(dim=1) / n).clamp_min(0.0)
 
 
 def _assign_pass(
@@ -516,7 +585,7 @@ def _assign_pass(
     k, d = cent.shape
     sums = torch.zeros(k, d, dtype=torch.int64, device=device)
     counts = torch.zeros(k, dtype=torch.int64, device=device)
-    sq = torch.zeros((), dtype=torch.int64, device=device)
+    sq = torch.zeros(k, dtype=torch.int64, device=device)
     neg_sqnorm = None if spherical else -(cent * cent).sum(dim=1)
     with _ieee_fp32_matmul():
         for start, take, row0, buf in _aligned_blocks(rows, pos0, block, device):
@@ -526,13 +595,17 @@ def _assign_pass(
             sums.index_add_(0, lab, _quantise(real, vec_scale))
             counts += torch.bincount(lab, minlength=k)
             # Row norms on the whole same-shaped buffer, for the same reason the GEMM runs on it.
-            sq += _quantise((buf.double() ** 2).sum(dim=1)[row0 : row0 + take], sq_scale).sum()
+            sq.index_add_(0, lab, _quantise((buf.double() ** 2).sum(dim=1)[row0 : row0 + take], sq_scale))
             if labels_out is not None:
                 labels_out[start : start + take].copy_(lab)
-    packed = torch.cat([sums.flatten(), counts, sq.reshape(1)])
-    packed = comm.all_reduce_(packed, "sum")
-    sums_g = packed[: k * d].reshape(k, d).double() / vec_scale
-    return _Pass(sums=sums_g, counts=packed[k * d : k * d + k], sqnorm=float(packed[-1].double() / sq_scale))
+    packed = comm.all_reduce_(torch.cat([sums.flatten(), counts, sq]), "sum")
+    sq_g = packed[k * d + k :]
+    return _Pass(
+        sums=packed[: k * d].reshape(k, d).double() / vec_scale,
+        counts=packed[k * d : k * d + k],
+        sqnorms=sq_g.double() / sq_scale,
+        sqnorm=float(sq_g.sum().double() / sq_scale),  # integer sum first: exact
+    )
 
 
 def _sse_from_pass(p: _Pass, cent64: torch.Tensor) -> tuple[float, float]:
@@ -595,7 +668,7 @@ def _lloyd(
             history.append(ip if cfg.spherical else sse)
             iterations = it + 1
             new = p.sums / p.counts.clamp_min(1).double().unsqueeze(1)
-            _refill_empty(new, p.counts, cfg, redo, it, data_scale)
+            _refill_empty(new, p.counts, p.cluster_sse(), cfg, redo, it, data_scale)
             if cfg.spherical:
                 new = _renormalise(new)
             new32 = new.float()
@@ -672,21 +745,39 @@ def _fit_faiss(rows: _Rows, cfg: KMeansConfig, ngpu: int) -> KMeansResult:
         xt = sel.to(device="cpu", dtype=torch.float32).contiguous().numpy()
     else:
         xt = np.ascontiguousarray(rows.x if train_idx is None else rows.x[train_idx], dtype=np.float32)
-    km = faiss.Kmeans(
-        d,
-        cfg.k,
-        niter=cfg.niter,
-        nredo=cfg.nredo,
-        seed=cfg.seed,
-        spherical=cfg.spherical,
-        max_points_per_centroid=cfg.max_points_per_centroid,
-        # Only drives a stderr warning for small inputs; library code does not print.
-        min_points_per_centroid=1,
-        verbose=False,
-        gpu=ngpu if ngpu > 0 else False,
-    )
-    km.train(xt)
-    del xt
+    if not xt.flags.writeable:  # e.g. a read-only memmap; torch.from_numpy cannot wrap it
+        xt = xt.copy()
+    n_train = len(xt)
+    xt_t = torch.from_numpy(xt)
+    max_sq = float((xt_t.double() ** 2).sum(dim=1).max())
+    # One faiss.Kmeans per run, so each run can start from our k-means++ seeds (faiss' own nredo would reuse one
+    # set of init_centroids for every run) and so the kept run's history is known.
+    best: tuple[float, Any] | None = None
+    for redo in range(cfg.nredo):
+        init = None
+        if cfg.init == "kmeans++":
+            init = _initial_centroids(xt_t, 0, n_train, cfg, redo, _LocalComm(), max_sq).numpy()
+        km = faiss.Kmeans(
+            d,
+            cfg.k,
+            niter=cfg.niter,
+            nredo=1,
+            seed=(cfg.seed + redo) % (_MAX_SEED + 1),
+            spherical=cfg.spherical,
+            max_points_per_centroid=cfg.max_points_per_centroid,
+            # Only drives a stderr warning for small inputs; library code does not print.
+            min_points_per_centroid=1,
+            verbose=False,
+            gpu=ngpu if ngpu > 0 else False,
+        )
+        km.train(xt, init_centroids=init)
+        obj = float(km.obj[-1])
+        if best is None or (obj > best[0] if cfg.spherical else obj < best[0]):
+            best = (obj, km)
+    del xt, xt_t
+    assert best is not None
+    km = best[1]
+    history = tuple(float(v) for v in km.obj)
     centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
     # After train() the index holds the centroids of the *previous* iteration; rebuild it with the final ones.
     index = km.index
@@ -705,10 +796,6 @@ def _fit_faiss(rows: _Rows, cfg: KMeansConfig, ngpu: int) -> KMeansResult:
         else:
             sq = dist_[:, 0].astype(np.float64)
         sse += float(np.maximum(sq, 0.0).sum())
-    # km.obj concatenates the runs of all nredo; FAISS keeps the run with the best final objective.
-    objs = np.asarray(km.obj, dtype=np.float64).reshape(cfg.nredo, -1)
-    kept = int(np.argmax(objs[:, -1]) if cfg.spherical else np.argmin(objs[:, -1]))
-    history = tuple(float(v) for v in objs[kept])
     return KMeansResult(
         centroids=centroids,
         labels=labels,
@@ -716,10 +803,10 @@ def _fit_faiss(rows: _Rows, cfg: KMeansConfig, ngpu: int) -> KMeansResult:
         inertia=sse,
         objective=history[-1],
         objective_history=history,
-        iterations=cfg.niter,
+        iterations=len(history),
         backend="faiss",
         device=f"gpu x{ngpu}" if ngpu > 0 else "cpu",
-        n_train=n if train_idx is None else len(train_idx),
+        n_train=n_train,
         n_points=n,
     )
 
@@ -800,7 +887,7 @@ def fit_kmeans_distributed(
     inertia and objective, identical on every process and bitwise equal to ``fit_kmeans(concat(shards), cfg,
     backend='torch')`` on the same device type.
 
-    Communication per iteration: one all-reduce of (k x (d + 1) + 1) int64. Works with gloo (CPU tensors) and
+    Communication per iteration: one all-reduce of k x (d + 2) int64. Works with gloo (CPU tensors) and
     NCCL (CUDA tensors). Device: ``device`` if given; else the current CUDA device under NCCL; else CUDA when
     ``cfg.gpu='always'``; else CPU.
     """
@@ -844,7 +931,8 @@ def assign(
 
     Scores are inner products when ``spherical`` (largest wins) and squared L2 distances otherwise. Works in
     blocks of ``chunk`` rows (default: a ~256 MB score block) in float32 without TF32, so memory stays flat and
-    labels match those of the torch K-means backend. Ties go to the lowest centroid index.
+    labels match those of the torch K-means backend. Ties go to the lowest centroid index. Runs on ``device``,
+    else on x's CUDA device, else on CUDA when available, else on CPU.
     """
     rows = _Rows(x)
     c = _Rows(centroids)

@@ -134,20 +134,42 @@ def test_input_types_and_dtypes_agree(blobs: tuple[np.ndarray, np.ndarray], tmp_
     np.testing.assert_array_equal(small.centroids, ref.centroids)
 
 
-def test_empty_clusters_are_refilled_by_splitting() -> None:
-    cent = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
-    counts = torch.tensor([10, 0, 4, 0])
+def test_kmeanspp_seeds_distinct_points_and_is_seeded() -> None:
+    x, y = sphere_blobs(n=600, k=12, d=16, noise=0.2, seed=4)
+    pts = torch.from_numpy(x)
+    a = km._kmeanspp(pts, 12, np.random.default_rng(1), 1.0)
+    b = km._kmeanspp(pts, 12, np.random.default_rng(1), 1.0)
+    assert torch.equal(a, b)
+    # greedy D^2 seeding on well separated blobs puts one seed in each blob
+    seeds = [int(np.nonzero((x == s.numpy()).all(axis=1))[0][0]) for s in a]
+    assert len(set(y[seeds])) == 12
+    # fewer distinct points than seeds: no crash, duplicates allowed (empty clusters are refilled later)
+    few = km._kmeanspp(torch.eye(3).repeat(4, 1), 5, np.random.default_rng(0), 1.0)
+    assert few.shape == (5, 3)
+
+
+def test_empty_clusters_are_refilled_by_splitting_the_worst_cluster() -> None:
+    cent = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    counts = torch.tensor([50, 0, 4, 0])
+    sse = torch.tensor([0.0, 0.0, 3.0, 0.0], dtype=torch.float64)  # cluster 0: 50 identical points
     cfg = KMeansConfig(k=4)
     a = cent.clone()
-    assert km._refill_empty(a, counts, cfg, redo=0, it=0, data_scale=1.0) == 2
-    # Both empty clusters come from the largest clusters (10 -> 5 + 5, then the 5 left is still the largest
-    # tie-break... 5 vs 4 vs 5: lowest index 0) and sit symmetrically around the old centroid.
-    assert torch.allclose(a[0] + a[1], 2 * cent[0]) or torch.allclose(a[0] + a[3], 2 * cent[0])
-    assert not torch.equal(a[1], a[3])
-    assert torch.all(torch.linalg.vector_norm(a[[1, 3]] - cent[0], dim=1) < 0.01)
+    assert km._refill_empty(a, counts, sse, cfg, redo=0, it=0, data_scale=1.0) == 2
+    assert torch.equal(a[0], cent[0])  # largest but unsplittable: left alone
+    # cluster 2 is split (error 3 -> 1.5 + 1.5 for both halves), then its lowest-index half (1) again: all copies
+    # close to the old centroid, pairwise distinct, the first split orthogonal to it (equal norms, so spherical
+    # renormalisation keeps the boundary through the old centroid)
+    copies = a[[1, 2, 3]]
+    assert torch.all(torch.linalg.vector_norm(copies - cent[2], dim=1) < 0.01)
+    assert len({tuple(c.tolist()) for c in copies}) == 3
+    assert abs(float((a[2] - cent[2]) @ cent[2])) < 1e-12
     b = cent.clone()
-    km._refill_empty(b, counts, cfg, redo=0, it=0, data_scale=1.0)
+    km._refill_empty(b, counts, sse, cfg, redo=0, it=0, data_scale=1.0)
     assert torch.equal(a, b)  # deterministic
+    # nothing splittable at all: fall back to the most populated cluster rather than doing nothing
+    c = cent.clone()
+    assert km._refill_empty(c, counts, torch.zeros(4, dtype=torch.float64), cfg, 0, 0, 1.0) == 2
+    assert torch.all(torch.linalg.vector_norm(c[[1, 3]] - cent[0], dim=1) < 0.01)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -175,7 +197,9 @@ def test_assign_blocks_ties_and_l2_scores() -> None:
     for chunk in (1, 13, 999, 5000):
         lab, sc = assign(x, c, spherical=False, chunk=chunk)
         np.testing.assert_array_equal(lab, full_l)
-        np.testing.assert_array_equal(sc, full_s)
+        # Same labels, but scores may differ in the last bit: BLAS picks kernels by matrix shape. This is why the
+        # K-means backend computes fixed-shape, globally aligned blocks.
+        np.testing.assert_allclose(sc, full_s, rtol=1e-6)
     d2 = ((x[:, None, :].astype(np.float64) - c[None].astype(np.float64)) ** 2).sum(-1)
     np.testing.assert_array_equal(full_l, d2.argmin(1))
     np.testing.assert_allclose(full_s, d2.min(1), rtol=1e-4, atol=1e-4)
@@ -249,11 +273,32 @@ def test_estimate_k_and_overcluster(blobs: tuple[np.ndarray, np.ndarray]) -> Non
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_torch_cuda_matches_labels_quality(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+def test_torch_cuda_quality_determinism_and_tf32_immunity(blobs: tuple[np.ndarray, np.ndarray]) -> None:
     x, y = blobs
-    res = fit_kmeans(x, KMeansConfig(k=20, backend="torch", nredo=3), device="cuda")
+    cfg = KMeansConfig(k=20, backend="torch", nredo=3)
+    res = fit_kmeans(torch.from_numpy(x).cuda(), cfg)  # a CUDA tensor selects its device
     assert res.device.startswith("cuda")
     assert cluster_accuracy(y, res.labels) >= 0.99
+    ns = torch.backends.cuda.matmul
+    before = ns.fp32_precision
+    try:
+        torch.use_deterministic_algorithms(True)
+        ns.fp32_precision = "tf32"  # as training code often sets it: must not change the clustering
+        again = fit_kmeans(x, cfg, device="cuda")
+    finally:
+        torch.use_deterministic_algorithms(False)
+        ns.fp32_precision = before
+    np.testing.assert_array_equal(again.labels, res.labels)
+    np.testing.assert_array_equal(again.centroids, res.centroids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kmeanspp_cuda_graph_is_bitwise_the_eager_loop() -> None:
+    pts = torch.nn.functional.normalize(torch.randn(4000, 64, generator=torch.Generator().manual_seed(0)), dim=1)
+    pts = pts.cuda()
+    eager = km._kmeanspp(pts, 200, np.random.default_rng(5), 1.0, graph=False)
+    graphed = km._kmeanspp(pts, 200, np.random.default_rng(5), 1.0, graph=True)
+    assert torch.equal(eager, graphed)
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -261,12 +306,13 @@ def test_torch_cuda_matches_labels_quality(blobs: tuple[np.ndarray, np.ndarray])
 SHARDS = (0, 1300, 2000)  # uneven: 1300 and 700 points
 DIST_CONFIGS = (
     KMeansConfig(k=20, nredo=2, backend="torch"),  # spherical, greedy k-means++, every point trains
-    # L2, random seeding, training subsample (k * 12 = 240 of 2000 points spread over both shards)
-    KMeansConfig(k=20, spherical=False, init="random", max_points_per_centroid=12, niter=30, backend="torch"),
+    # L2, random seeding, training subsample (k * 4 = 240 of 2000 points spread over both shards); this seed
+    # empties clusters, so the split path runs under sharding too (checked below)
+    KMeansConfig(k=60, spherical=False, init="random", max_points_per_centroid=4, niter=30, seed=2, backend="torch"),
 )
 
 
-def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
+def _dist_worker(rank: int, init_file: str, out_dir: str, device: str) -> None:
     torch.set_num_threads(1)  # 2 cores, 2 processes; also shows the result does not depend on thread count
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -275,8 +321,13 @@ def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
         local = x[SHARDS[rank] : SHARDS[rank + 1]]
         out = {}
         for i, cfg in enumerate(DIST_CONFIGS):
-            res = fit_kmeans_distributed(local, cfg)
-            assert res.world_size == 2 and res.offset == SHARDS[rank] and res.n_points == len(x)
+            res = fit_kmeans_distributed(local, cfg, device=device)
+            assert (
+                res.world_size == 2
+                and res.device.startswith(device)
+                and res.offset == SHARDS[rank]
+                and res.n_points == len(x)
+            )
             out.update(
                 {
                     f"labels{i}": res.labels,
@@ -291,13 +342,25 @@ def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_equal_single_process(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_two_gloo_processes_equal_single_process(
+    device: str, blobs: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
     x, _ = blobs
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_dist_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        mp.spawn(_dist_worker, args=(os.path.join(tmp, "init"), tmp, device), nprocs=2, join=True)
         shards = [dict(np.load(os.path.join(tmp, f"rank{r}.npz"))) for r in range(2)]
+    splits: list[int] = []
+    refill = km._refill_empty
+    monkeypatch.setattr(km, "_refill_empty", lambda *a, **kw: splits.append(refill(*a, **kw)) or splits[-1])
     for i, cfg in enumerate(DIST_CONFIGS):
-        ref = fit_kmeans(x, cfg)
+        splits.clear()
+        ref = fit_kmeans(x, cfg, device=device)
+        if i == 1:
+            assert sum(splits) > 0, "config 1 should exercise empty-cluster splitting"
         labels = np.concatenate([s[f"labels{i}"] for s in shards])
         np.testing.assert_array_equal(labels, ref.labels)
         for s in shards:
