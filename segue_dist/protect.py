@@ -4,7 +4,7 @@ Usage::
 
     segue protect --generator runs/lfw62/generator.safetensors \\
         --in shards/lfw62/train --out shards/lfw62-protected/train [--labels pseudo_labels.json] \\
-        [--format png|jpeg] [--png-level 1] [--jpeg-quality 95] [--batch-size 256] [--workers N] [--encode-workers N]
+        [--format png|jpeg] [--png-level 1] [--jpeg-quality 95] [--batch-size N] [--workers N] [--encode-workers N]
 
     # the same on several GPUs or nodes: shards are split statically by rank, no collectives are used
     torchrun --nproc_per_node 8 -m segue_dist.protect --generator ... --in ... --out ...
@@ -36,17 +36,30 @@ What it guarantees
 * **Streaming.** Bounded queues everywhere (loader prefetch, in-flight batches, per-shard size buckets of at most
   ``--batch-size`` images), so memory does not grow with the corpus.
 
-Pipeline (one rank): loader worker processes read and decode shards (``OnePassStream``) -> the main thread groups
-each shard's images into forward batches and runs G -> an encode pool writes PNG/JPEG and decodes it again to check
-the bound while the main thread runs the next batch -> results are written to the shard's tar in submission order.
+Pipeline (one rank): loader worker processes read and decode the rank's shards (``OnePassStream``, images sent in
+groups as HWC numpy arrays) -> the main thread groups each shard's images into forward batches and runs G (CUDA:
+bf16 autocast, channels_last, pinned asynchronous copies; CPU: float32, one image per thread) -> an encode pool
+(threads for PNG, processes for JPEG) writes each image and decodes it again to check ε, overlapping the next
+forward -> one tar-writer thread appends results to each shard's tar in submission order and finishes shards
+(fsync, rename, stats), so the main thread waits only when more than ``inflight`` batches are outstanding. With
+``--gpu-codec`` (CUDA), plain JPEG inputs are decoded by nvJPEG in batches and JPEG output is encoded and verified
+on the GPU; the ε check is then against nvJPEG's decode of the input.
 
-What each output format costs (224 px face crops; ``bench/protect_throughput.py`` measures it on your machine):
+What each output format costs (``bench/protect_throughput.py`` measures it on your machine; the numbers below are
+from synthetic 224 px faces stored as JPEG q95, CPU figures in bench/results/protect_throughput_cpu.json):
 
-* ``png`` level 1 (default): lossless, the ε guarantee holds on the file; about 110 KB per protected 224 px image
-  (the perturbation is noise-like, so it compresses worse than the clean face) and the slowest encoder.
-* ``png`` level 0: lossless, stored uncompressed inside zlib: about 1.4x larger files, about 2x faster to encode.
-* ``jpeg`` (quality 95, 4:4:4): about 2.5x smaller and 5-10x faster to encode than PNG level 1, but lossy, so the
-  ε bound is measured (typically 1-4 levels above ε at quality 95) rather than guaranteed.
+* ``png`` level 1 (default): lossless, the ε guarantee holds on the file; ~108 KB per protected 224 px image (the
+  perturbation is noise-like, so it compresses worse than the clean face) and the slowest encoder.
+* ``png`` level 0: lossless, zlib "stored": ~153 KB per image (1.4x), about 2x faster to encode than level 1.
+* ``jpeg`` (quality 95, 4:4:4): ~39 KB per image and 6-11x faster to decode + encode than PNG level 1, but
+  lossy: the ε bound does not hold on the file (measured max |δ| 20-24 levels against ε = 8, PSNR ~40.6 dB, the
+  same PSNR as PNG), so it is reported, not guaranteed.
+
+Where the time goes (a lent H200 + 16 cores, 224 px, default G: width 32, 4 residual blocks): G alone ran 4,500
+img/s in bf16; nvJPEG decode + encode ~3,500 img/s; CPU JPEG decode + encode over 16 processes ~3,200 img/s. The job
+reached ~1,000 img/s with ``--gpu-codec`` and JPEG output, then limited by the codecs and by that disk (~110 MB/s;
+measured before tar writing moved to its own thread). On CPU, G (~13 GFLOP per 224 px image) is the whole cost:
+compare a run with G alone, not with the codecs.
 """
 
 from __future__ import annotations
@@ -60,6 +73,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -111,10 +125,10 @@ class ProtectOptions:
     format: str = "png"
     png_level: int = 1
     jpeg_quality: int = 95
-    batch_size: int = 256
+    batch_size: int = 0  # images per forward batch (per shard and size); 0 = 256 on CUDA, 16 on CPU
     workers: int = 0  # loader worker processes; 0 = pick from the CPU count
     encode_workers: int = 0  # encode pool size; 0 = pick from the CPU count
-    encode_backend: str = "thread"  # thread | process
+    encode_backend: str = "auto"  # thread | process | auto (process for JPEG with >= 4 encoders, else thread)
     threads: int = 0  # CPU only: images run through G in parallel (each on one intra-op thread); 0 = auto
     device: str = "auto"
     gpu_codec: bool = False  # CUDA only: nvJPEG decode of JPEG inputs and, for JPEG output, encode on the GPU
@@ -133,13 +147,11 @@ class ProtectOptions:
             raise ValueError(f"png_level must be in 0..9, got {self.png_level}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        for name in ("workers", "encode_workers", "threads", "inflight"):
+        for name in ("batch_size", "workers", "encode_workers", "threads", "inflight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = automatic), got {getattr(self, name)}")
-        if self.encode_backend not in ("thread", "process"):
-            raise ValueError(f"encode_backend must be thread or process, got {self.encode_backend!r}")
+        if self.encode_backend not in ("auto", "thread", "process"):
+            raise ValueError(f"encode_backend must be auto, thread or process, got {self.encode_backend!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.max_pixels < MIN_SIDE * MIN_SIDE:
@@ -161,18 +173,33 @@ def cpus_per_rank() -> int:
 def resolve_workers(opts: ProtectOptions, on_cuda: bool) -> tuple[int, int, int]:
     """(loader workers, encode workers, CPU G threads). Explicit values win; 0 means pick from the cores.
 
-    On CPU, G dominates the cost, so half the cores go to it; on a GPU host the cores are all for codecs:
-    about a third decode (JPEG decode is cheaper than PNG/JPEG encode + the verifying decode), the rest encode.
+    On CPU, G costs 10-50x more than decode + encode (bench/protect_throughput.py), so every core runs G and the
+    codec workers, mostly idle, share them. On a GPU host the cores are all for codecs: about a third decode (JPEG
+    decode is cheaper than encode + the verifying decode), the rest encode.
     """
     cores = cpus_per_rank()
     if on_cuda:
         workers = opts.workers or max(1, cores // 3)
         encoders = opts.encode_workers or max(1, cores - workers - 1)
         return workers, encoders, 1
-    threads = opts.threads or max(1, cores // 2)
+    threads = opts.threads or cores
     workers = opts.workers or max(1, cores // 4)
-    encoders = opts.encode_workers or max(1, cores - threads - workers + 1)
+    encoders = opts.encode_workers or max(1, cores // 2)
     return workers, encoders, threads
+
+
+def resolve_encode_backend(choice: str, fmt: str, encoders: int) -> str:
+    """PIL's zlib releases the GIL, so PNG encodes well in threads; its JPEG path mostly does not (16 threads ran
+    decode + encode 4x slower than 16 processes on a 16-core host), so several JPEG encoders are processes."""
+    if choice != "auto":
+        return choice
+    return "process" if fmt == "jpeg" and encoders >= 4 else "thread"
+
+
+def resolve_batch_size(opts: ProtectOptions, on_cuda: bool) -> int:
+    """Big batches feed a GPU; on CPU images go through G one by one anyway, and small batches start encoding
+    sooner (and bound memory tighter)."""
+    return opts.batch_size or (256 if on_cuda else 16)
 
 
 def eps_levels(eps: float) -> int:
@@ -246,7 +273,7 @@ def encode_image(protected: np.ndarray, spec: EncodeSpec) -> bytes:
     return encode_jpeg(protected, quality=spec.jpeg_quality)
 
 
-def encode_and_verify(protected: np.ndarray, original: np.ndarray, spec: EncodeSpec) -> list[EncodedImage]:
+def encode_and_verify(protected: np.ndarray, original: Sequence[np.ndarray], spec: EncodeSpec) -> list[EncodedImage]:
     """Encode (N, H, W, 3) uint8 images, decode each file again and measure it against the original.
 
     Runs in the encode pool (threads or processes: PIL releases the GIL while it compresses). The check is made
@@ -286,27 +313,58 @@ def make_encode_pool(backend: str, workers: int) -> Executor:
 
 SHARD_ERROR_SUFFIX = ":__shard_error__"
 PASSTHROUGH_SKIP = {*IMAGE_KEYS, "json"}
+# Items per message from a loader worker: one pickle per group instead of per image keeps the IPC cheap.
+GROUP = 32
+
+
+@dataclass
+class Item:
+    """One sample on its way through protect.
+
+    Images travel between processes as HWC uint8 numpy arrays, pickled inline in the worker's message: a torch
+    tensor would cost a shared-memory segment and a file-descriptor handshake per image. HWC is also what the
+    encoders take and, seen as NCHW, the channels_last layout the GPU wants, so no copy transposes it.
+    """
+
+    key: str
+    shard: str
+    label: int
+    meta: Any
+    fields: dict[str, Any]  # raw fields copied unchanged to the output (`.cls`, captions, ...)
+    size: tuple[int, int] = (0, 0)  # (height, width)
+    image: np.ndarray | None = None  # decoded HWC uint8
+    jpeg: bytes | None = None  # undecoded, for nvJPEG (--gpu-codec)
+    error: str | None = None
+
+    @property
+    def is_shard_error(self) -> bool:
+        return self.key.endswith(SHARD_ERROR_SUFFIX)
 
 
 class ProtectStream(OnePassStream):
-    """One pass over a rank's shards, with the protect-specific checks done in the loader workers.
+    """One pass over a rank's shards in groups of items, with protect's checks done in the loader workers.
 
-    Records keep only the raw fields that are copied to the output (the image bytes are dropped once decoded, so
-    they do not travel between processes twice). With ``gpu_jpeg`` plain RGB/gray JPEGs are not decoded here: their
-    bytes travel instead (``raw["__jpeg__"]``) and are decoded in batches by nvJPEG on the GPU.
+    Decoding goes through `OnePassStream` (so through ``decode_image``: CMYK, gray, palette and alpha become RGB,
+    anything undecodable becomes a reason). With ``gpu_jpeg`` plain RGB/gray JPEGs are not decoded here: their bytes
+    travel instead and are decoded in batches by nvJPEG on the GPU.
     """
 
     def __init__(
-        self,
-        shards: list[str],
-        *,
-        label_map: dict[str, int] | None,
-        max_pixels: int,
-        gpu_jpeg: bool = False,
+        self, shards: list[str], *, label_map: dict[str, int] | None, max_pixels: int, gpu_jpeg: bool = False
     ) -> None:
         super().__init__(shards, image_size=None, label_map=label_map, keep_raw=True)
         self.max_pixels = max_pixels
         self.gpu_jpeg = gpu_jpeg
+
+    def __iter__(self) -> Iterator[list[Item | ShardEnd]]:  # type: ignore[override]
+        group: list[Item | ShardEnd] = []
+        for entry in super().__iter__():
+            group.append(entry if isinstance(entry, ShardEnd) else self._item(entry))
+            if isinstance(entry, ShardEnd) or len(group) >= GROUP:
+                yield group
+                group = []
+        if group:
+            yield group
 
     def _record(self, shard: str, raw: dict[str, Any]) -> Record:
         if self.gpu_jpeg:
@@ -314,14 +372,28 @@ class ProtectStream(OnePassStream):
             if record is not None:
                 return record
         record = super()._record(shard, raw)
-        if record.image is not None:
-            height, width = record.image.shape[-2:]
-            if min(height, width) < MIN_SIDE:
-                record = _bad(record, f"too small: {width}x{height} (the generator needs sides >= {MIN_SIDE} px)")
-            elif height * width > self.max_pixels:
-                record = _bad(record, f"too large: {width}x{height} exceeds --max-pixels {self.max_pixels}")
-        record.raw = _passthrough(raw)
+        record.raw = {"fields": _passthrough(raw)}
         return record
+
+    def _item(self, record: Record) -> Item:
+        fields = record.raw["fields"] if record.raw else {}
+        item = Item(record.key, record.shard, record.label, record.meta, fields, error=record.error)
+        if record.error is not None:
+            return item
+        if record.image is not None:
+            item.image = record.image.permute(1, 2, 0).numpy()  # the HWC array decode made (a view, no copy)
+            item.size = (item.image.shape[0], item.image.shape[1])
+        else:
+            assert record.raw is not None
+            item.jpeg, item.size = record.raw["jpeg"], record.raw["size"]
+        height, width = item.size
+        if min(height, width) < MIN_SIDE:
+            item.error = f"too small: {width}x{height} (the generator needs sides >= {MIN_SIDE} px)"
+        elif height * width > self.max_pixels:
+            item.error = f"too large: {width}x{height} exceeds --max-pixels {self.max_pixels}"
+        if item.error is not None:
+            item.image = item.jpeg = None
+        return item
 
     def _jpeg_record(self, shard: str, raw: dict[str, Any]) -> Record | None:
         """A record carrying undecoded JPEG bytes, or None when the sample needs the careful CPU decode."""
@@ -329,20 +401,23 @@ class ProtectStream(OnePassStream):
         if not data or data[:3] != b"\xff\xd8\xff" or "__error__" in raw:
             return None
         try:
-            with Image.open(io.BytesIO(data)) as img:  # header only: cheap
+            with Image.open(io.BytesIO(data)) as img:  # the header only: cheap
                 mode, (width, height) = img.mode, img.size
+                orientation = img.getexif().get(0x0112, 1)
         except Exception:  # noqa: BLE001 - anything odd goes to the CPU path, which gives the reason
             return None
-        if mode not in ("RGB", "L") or min(height, width) < MIN_SIDE or height * width > self.max_pixels:
+        # CMYK and friends need decode_image's conversion, and EXIF-rotated photos its uprighting (nvJPEG would
+        # hand back the pixels as stored): both take the CPU path.
+        if mode not in ("RGB", "L") or orientation not in (None, 1):
             return None
+        meta, fields = _parse_meta(raw), _passthrough(raw)
         try:
             label = self._label(raw)
         except BadImage as exc:
-            return Record(raw.get("__key__", ""), shard, None, -1, _parse_meta(raw), str(exc), _passthrough(raw))
-        kept = _passthrough(raw)
-        kept["__jpeg__"] = data
-        kept["__size__"] = (height, width)
-        return Record(raw["__key__"], shard, None, label, _parse_meta(raw), None, kept)
+            return Record(raw.get("__key__", ""), shard, None, -1, meta, str(exc), {"fields": fields})
+        return Record(
+            raw["__key__"], shard, None, label, meta, None, {"fields": fields, "jpeg": data, "size": (height, width)}
+        )
 
     def _label(self, raw: dict[str, Any]) -> int:
         key = raw["__key__"]
@@ -356,39 +431,31 @@ class ProtectStream(OnePassStream):
             raise BadImage("missing or non-integer .cls label") from None
 
 
-def _bad(record: Record, reason: str) -> Record:
-    return Record(record.key, record.shard, None, -1, record.meta, reason, record.raw)
-
-
 def _passthrough(raw: dict[str, Any]) -> dict[str, Any]:
     """The raw fields copied unchanged to the output: everything but the image, the json and loader internals."""
     return {k: v for k, v in raw.items() if not k.startswith("__") and k not in PASSTHROUGH_SKIP}
 
 
-def _parse_meta(raw: dict[str, Any]) -> dict[str, Any]:
+def _parse_meta(raw: dict[str, Any]) -> Any:
     try:
-        meta = json.loads(raw.get("json", b"{}"))
+        return json.loads(raw.get("json", b"{}"))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
         return {}
-    return meta
 
 
-def make_loader(stream: ProtectStream, workers: int) -> Iterator[Record | ShardEnd]:
-    """Records one by one; the DataLoader's bounded prefetch is what keeps decoded images from piling up."""
+def iter_items(stream: ProtectStream, workers: int) -> Iterator[Item | ShardEnd]:
+    """Items one by one, decoded in ``workers`` processes; the DataLoader's bounded prefetch keeps memory flat."""
     from torch.utils.data import DataLoader
 
     workers = min(workers, len(stream.shards))
+    groups: Iterator[list[Item | ShardEnd]]
     if workers == 0:
-        return iter(stream)
-    loader = DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=workers,
-        collate_fn=_identity,
-        prefetch_factor=32,
-        persistent_workers=False,
-    )
-    return iter(loader)
+        groups = iter(stream)
+    else:
+        loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_identity, prefetch_factor=4)
+        groups = iter(loader)
+    for group in groups:
+        yield from group
 
 
 def _identity(x: Any) -> Any:
@@ -399,7 +466,7 @@ def _identity(x: Any) -> Any:
 
 
 class SizeBuckets:
-    """Groups one shard's good records into forward batches of one image size.
+    """Groups one shard's good items into forward batches of one image size.
 
     A batch depends on the shard alone (never on what other shards or ranks do), which is what makes output bytes
     independent of the number of workers and ranks. A bucket is emitted when it holds ``batch_size`` images; when a
@@ -409,34 +476,27 @@ class SizeBuckets:
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
-        self.buckets: dict[tuple[int, int], list[Record]] = {}
+        self.buckets: dict[tuple[int, int], list[Item]] = {}
         self.pending = 0
 
-    def add(self, record: Record, size: tuple[int, int]) -> list[list[Record]]:
-        bucket = self.buckets.setdefault(size, [])
-        bucket.append(record)
+    def add(self, item: Item) -> list[list[Item]]:
+        bucket = self.buckets.setdefault(item.size, [])
+        bucket.append(item)
         self.pending += 1
         ready = []
         if len(bucket) >= self.batch_size:
-            ready.append(self._pop(size))
+            ready.append(self._pop(item.size))
         if self.pending > self.batch_size:
             ready.append(self._pop(next(iter(self.buckets))))
         return ready
 
-    def drain(self) -> list[list[Record]]:
+    def drain(self) -> list[list[Item]]:
         return [self._pop(size) for size in list(self.buckets)]
 
-    def _pop(self, size: tuple[int, int]) -> list[Record]:
+    def _pop(self, size: tuple[int, int]) -> list[Item]:
         batch = self.buckets.pop(size)
         self.pending -= len(batch)
         return batch
-
-
-def record_size(record: Record) -> tuple[int, int]:
-    if record.image is not None:
-        return int(record.image.shape[-2]), int(record.image.shape[-1])
-    assert record.raw is not None and "__size__" in record.raw
-    return record.raw["__size__"]
 
 
 # ------------------------------------------------------------------------------------------------------ shard output
@@ -491,13 +551,16 @@ class ShardWriter:
         self.tmp = Path(tmp)
         self.fh = os.fdopen(fd, "wb")
         self.tar = wds.TarWriter(self.fh, mtime=TAR_MTIME, encoder=False)
+        self.closed = False
 
-    def quarantine(self, key: str, reason: str) -> None:
+    def quarantine(self, key: str, reason: str) -> int:
+        """Record a sample that is not written; returns the number of samples it accounts for (0 for a tar fault)."""
         if key.endswith(SHARD_ERROR_SUFFIX):
             self.shard_errors.append(reason)  # a tar fault, not a sample: the balance check catches what it lost
-            return
+            return 0
         self.read += 1
         self.quarantined.append({"key": key, "reason": reason})
+        return 1
 
     def write(self, sample: dict[str, Any], check: ImageCheck) -> None:
         self.tar.write(sample)
@@ -514,11 +577,14 @@ class ShardWriter:
         os.fsync(self.fh.fileno())
         self.fh.close()
         os.replace(self.tmp, self.out_dir / self.name)
+        self.closed = True
         stats = self.stats()
         atomic_write_json(stats_path(self.out_dir, self.name), stats)
         return stats
 
     def abort(self) -> None:
+        if self.closed:
+            return
         with contextlib.suppress(Exception):
             self.fh.close()
         with contextlib.suppress(FileNotFoundError):
@@ -545,12 +611,11 @@ class ShardWriter:
         }
 
 
-def output_sample(record: Record, data: bytes, ext: str, protected_info: dict[str, Any]) -> dict[str, Any]:
-    """The sample written for a protected record: same key, `.cls` and other fields, new image, json + provenance."""
-    meta = record.meta if isinstance(record.meta, dict) else {"meta": record.meta}
-    meta = {**meta, "protected": {**protected_info, "label": int(record.label)}}
-    sample: dict[str, Any] = {"__key__": record.key, ext: data}
-    sample.update({k: v for k, v in (record.raw or {}).items() if not k.startswith("__")})
+def output_sample(item: Item, data: bytes, ext: str, protected_info: dict[str, Any]) -> dict[str, Any]:
+    """The sample written for a protected item: same key, `.cls` and other fields, new image, json + provenance."""
+    meta = item.meta if isinstance(item.meta, dict) else {"meta": item.meta}
+    meta = {**meta, "protected": {**protected_info, "label": int(item.label)}}
+    sample: dict[str, Any] = {"__key__": item.key, **item.fields, ext: data}
     sample["json"] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
     return sample
 
@@ -559,7 +624,7 @@ def output_sample(record: Record, data: bytes, ext: str, protected_info: dict[st
 
 
 def protect_settings(
-    opts: ProtectOptions, gen_meta: dict[str, Any], generator_sha: str, eps: float, compute: str
+    opts: ProtectOptions, gen_meta: dict[str, Any], generator_sha: str, eps: float, compute: str, batch_size: int
 ) -> dict[str, Any]:
     """What the output bytes depend on; recorded in `_protect.json` and checked when a run resumes."""
     spec = {"png_level": opts.png_level} if opts.format == "png" else {"jpeg_quality": opts.jpeg_quality}
@@ -572,7 +637,8 @@ def protect_settings(
         **spec,
         "labels": labels,
         "compute": compute,
-        "batch_size": opts.batch_size,
+        # On CPU every image goes through G alone, so the batch size cannot change a byte.
+        "batch_size": batch_size if compute.startswith("cuda") else None,
         "generator_num_classes": int(gen_meta.get("num_classes", 0)),
     }
 
@@ -655,7 +721,8 @@ def plan_labels(opts: ProtectOptions, shard_set: ShardSet, gen_meta: dict[str, A
 
 
 class Perturber:
-    """Runs G on a batch of same-size uint8 images and returns protected uint8 images (N, H, W, 3) on the CPU."""
+    """Runs G on a batch of same-size uint8 images (N, H, W, 3) and returns the protected uint8 images (N, H, W, 3)
+    on the device it computed on."""
 
     def __init__(self, generator: torch.nn.Module, device: torch.device, levels: int, threads: int) -> None:
         self.generator = generator
@@ -674,29 +741,29 @@ class Perturber:
         return "cpu-fp32-per-image"
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``images`` uint8 (N, 3, H, W) on CPU or the device; returns uint8 (N, 3, H, W) on the same device."""
         if self.on_cuda:
             return self._cuda(images, labels)
         if self.pool is None:
             deltas = [self._one(images[i : i + 1], labels[i : i + 1]) for i in range(len(images))]
         else:
             deltas = list(self.pool.map(lambda i: self._one(images[i : i + 1], labels[i : i + 1]), range(len(images))))
-        return quantise_protected(images, torch.cat(deltas), self.levels)
+        return quantise_protected(images, torch.cat(deltas).permute(0, 2, 3, 1), self.levels).contiguous()
 
     def _one(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         # One image at a time on one intra-op thread: float32 CPU kernels then give the same bits whatever the
         # batch, the number of threads or ranks (batched GEMMs and thread splits change the low bits).
         with torch.inference_mode():
-            return self.generator(image.to(torch.float32).div_(255.0), label)
+            return self.generator(image.permute(0, 3, 1, 2).to(torch.float32).div_(255.0), label)
 
     def _cuda(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if images.device.type != "cuda":
-            images = images.pin_memory().to(self.device, non_blocking=True)
+        # Asynchronous: nothing here waits for the GPU, so the main thread goes on to the next batch.
+        images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            x = images.to(torch.float32).div_(255.0).contiguous(memory_format=torch.channels_last)
-            delta = self.generator(x, labels)
-        return quantise_protected(images, delta.float(), self.levels)
+        with torch.inference_mode():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                # NHWC memory seen as NCHW is channels_last: the layout cuDNN's fast kernels want, without a copy.
+                delta = self.generator(images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0), labels)
+            return quantise_protected(images, delta.float().permute(0, 2, 3, 1), self.levels).contiguous()
 
 
 def make_thread_pool(threads: int, name: str) -> ThreadPoolExecutor:
@@ -714,28 +781,40 @@ def resolve_device(choice: str) -> torch.device:
     return dist.best_device()
 
 
+def encode_when_ready(
+    ready: Any, protected: np.ndarray, original: Sequence[np.ndarray], spec: EncodeSpec
+) -> list[EncodedImage]:
+    """`encode_and_verify` once the GPU->host copy of ``protected`` has landed (``ready``: a CUDA event)."""
+    ready.synchronize()  # releases the GIL while it waits
+    return encode_and_verify(protected, original, spec)
+
+
 # ------------------------------------------------------------------------------------------------------ GPU codecs
 
 
 class GpuCodec:
     """nvJPEG through torchvision: batched decode of JPEG inputs and, for JPEG output, encode + verify on the GPU.
 
-    Optional and defensive: any failure of a batched call falls back to the CPU path for that batch, so a
-    torchvision without GPU codecs or an odd file never stops the job.
+    Optional and defensive: a batched decode that fails is retried image by image and then on the CPU, and if GPU
+    encoding is unavailable the CPU encode pool takes over, so an odd file or torchvision build never stops the job.
+    The ε check is then made against nvJPEG's decode of the input, which may differ from libjpeg's by a level.
     """
 
     def __init__(self, device: torch.device, spec: EncodeSpec) -> None:
         from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
+        # torchvision >= 0.29 deprecates its codecs in favour of TorchCodec; they still work, and say so per call.
+        warnings.filterwarnings("ignore", "The image decoding and encoding capabilities", DeprecationWarning)
         self.device, self.spec = device, spec
         self.decode_jpeg, self.encode_jpeg, self.rgb = decode_jpeg, encode_jpeg, ImageReadMode.RGB
         self.encode_on_gpu = spec.format == "jpeg"
 
     def decode(self, blobs: list[bytes]) -> list[torch.Tensor | None]:
+        """CHW uint8 CUDA tensors (None where nvJPEG refuses a file)."""
         tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
         try:
             return list(self.decode_jpeg(tensors, mode=self.rgb, device=self.device))
-        except Exception:  # noqa: BLE001 - one bad file fails the whole batched call; retry one by one
+        except Exception:  # noqa: BLE001 - one bad file fails the whole batched call: retry one by one
             out: list[torch.Tensor | None] = []
             for t in tensors:
                 try:
@@ -744,23 +823,25 @@ class GpuCodec:
                     out.append(None)
             return out
 
-    def encode_and_verify(self, protected: torch.Tensor, original: torch.Tensor) -> list[EncodedImage]:
-        """JPEG-encode (N, 3, H, W) uint8 CUDA images and measure the decoded files against the originals."""
-        encoded = self.encode_jpeg(list(protected), quality=self.spec.jpeg_quality)
-        blobs = [bytes(e.cpu().numpy().tobytes()) for e in encoded]
-        decoded = self.decode_jpeg(
-            [e.cpu() if e.device.type != "cpu" else e for e in encoded], mode=self.rgb, device=self.device
-        )
-        written = torch.stack(list(decoded)).to(torch.int16)
-        diff = written - original.to(torch.int16)
+    def encode_and_verify(self, protected: torch.Tensor, original: torch.Tensor) -> list[EncodedImage] | None:
+        """JPEG-encode (N, H, W, 3) uint8 CUDA images and measure the decoded files against the originals; None if
+        this torchvision cannot encode on the GPU (the caller then encodes on the CPU from now on)."""
+        chw = protected.permute(0, 3, 1, 2).contiguous()
+        try:
+            encoded = [e.cpu() for e in self.encode_jpeg(list(chw), quality=self.spec.jpeg_quality)]
+        except Exception:  # noqa: BLE001
+            self.encode_on_gpu = False
+            return None
+        written = torch.stack(list(self.decode_jpeg(encoded, mode=self.rgb, device=self.device)))
+        diff = written.to(torch.int16) - original.permute(0, 3, 1, 2).to(torch.int16)
         absdiff = diff.abs().flatten(1)
         max_abs = absdiff.amax(1).tolist()
         mean_abs = absdiff.float().mean(1).tolist()
         mse = diff.float().pow(2).flatten(1).mean(1).tolist()
         out = []
-        for blob, m, a, e in zip(blobs, max_abs, mean_abs, mse, strict=True):
+        for blob, m, a, e in zip(encoded, max_abs, mean_abs, mse, strict=True):
             psnr = PSNR_CAP if e == 0 else min(PSNR_CAP, 10.0 * math.log10(255.0**2 / e))
-            out.append(EncodedImage(blob, ImageCheck(int(m), float(a), psnr)))
+            out.append(EncodedImage(blob.numpy().tobytes(), ImageCheck(int(m), float(a), psnr)))
         return out
 
 
@@ -772,9 +853,10 @@ class PendingBatch:
     """A forward batch whose encoding runs in the pool; written in submission order."""
 
     shard: str
-    records: list[Record]
+    items: list[Item]
     futures: list[Future] | None  # None: results already in ``ready``
     ready: list[EncodedImage] | None = None
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) the GPU decode path refused
 
     def done(self) -> bool:
         return self.futures is None or all(f.done() for f in self.futures)
@@ -787,14 +869,6 @@ class PendingBatch:
 
 
 @dataclass
-class PendingEnd:
-    shard: str
-
-    def done(self) -> bool:
-        return True
-
-
-@dataclass
 class RankSummary:
     rank: int
     world_size: int
@@ -802,6 +876,7 @@ class RankSummary:
     shards_skipped: int
     stats: list[dict[str, Any]]
     seconds: float
+    timings: dict[str, float] = field(default_factory=dict)  # main-thread seconds per phase
 
     @property
     def written(self) -> int:
@@ -810,6 +885,31 @@ class RankSummary:
     @property
     def quarantined(self) -> int:
         return sum(s["quarantined"] for s in self.stats)
+
+
+class PhaseTimer:
+    """Main-thread seconds per phase (waiting for input, forward, GPU codec, waiting for encoders, writing): where
+    a slow job spends its time, reported in the summary."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def timed_iter(items: Iterator[Any], timer: PhaseTimer, phase: str) -> Iterator[Any]:
+    while True:
+        with timer(phase):
+            item = next(items, None)
+        if item is None:
+            return
+        yield item
 
 
 class Protector:
@@ -822,11 +922,12 @@ class Protector:
         refuse_in_place(self.in_dir, self.out_dir)
         self.shard_set = open_shard_set(self.in_dir)
         self.device = resolve_device(opts.device)
-        if opts.gpu_codec and self.device.type != "cuda":
+        self.on_cuda = self.device.type == "cuda"
+        if opts.gpu_codec and not self.on_cuda:
             raise ValueError("--gpu-codec needs a CUDA device")
         self.generator, self.gen_meta = load_generator(opts.generator, self.device)
         self.generator.eval()
-        if self.device.type == "cuda":
+        if self.on_cuda:
             self.generator = self.generator.to(memory_format=torch.channels_last)
         cfg = self.generator.config  # type: ignore[attr-defined]
         self.eps = float(cfg.eps)
@@ -834,17 +935,20 @@ class Protector:
         self.generator_sha = self.gen_meta.get("weights_sha256") or file_sha256(_weights_file(opts.generator))
         self.labels = plan_labels(opts, self.shard_set, self.gen_meta, cfg)
         self.spec = EncodeSpec(opts.format, opts.png_level, opts.jpeg_quality, self.levels)
-        self.workers, self.encoders, self.threads = resolve_workers(opts, self.device.type == "cuda")
+        self.workers, self.encoders, self.threads = resolve_workers(opts, self.on_cuda)
+        self.batch_size = resolve_batch_size(opts, self.on_cuda)
         self.inflight = opts.inflight or 2 * self.encoders + 2
+        self.encode_backend = resolve_encode_backend(opts.encode_backend, opts.format, self.encoders)
         self.protected_info = {"generator_sha256": self.generator_sha, "eps": self.eps, **self.spec.describe()}
         self.protected_info["label_source"] = "cls" if opts.labels is None else "sidecar"
         self.delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+        self.timer = PhaseTimer()
 
     # -------------------------------------------------------------------------------------------------- set-up
 
     def prepare_output(self, compute: str) -> list[str]:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        settings = protect_settings(self.opts, self.gen_meta, self.generator_sha, self.eps, compute)
+        settings = protect_settings(self.opts, self.gen_meta, self.generator_sha, self.eps, compute, self.batch_size)
         messages = check_or_record_settings(self.out_dir, settings)
         labels_file = self.in_dir / "labels.json"
         if labels_file.is_file():
@@ -865,159 +969,221 @@ class Protector:
     def run(self) -> RankSummary:
         start = time.perf_counter()
         perturber = Perturber(self.generator, self.device, self.levels, self.threads)
-        for message in [*self.labels.warnings, *self.prepare_output(perturber.compute_label())]:
-            self.warn(message)
-        todo, skipped = self.my_shards()
-        if self.device.type == "cpu":
-            torch.set_num_threads(1)  # see Perturber._one; the parallelism is across images instead
-        codec = GpuCodec(self.device, self.spec) if self.opts.gpu_codec else None
-        stats: list[dict[str, Any]] = []
-        if todo:
-            stream = ProtectStream(
-                todo, label_map=self.labels.label_map, max_pixels=self.opts.max_pixels, gpu_jpeg=codec is not None
-            )
-            expected = sum(self.shard_set.sizes[Path(s).name] for s in todo)
-            pool = make_encode_pool(self.opts.encode_backend, self.encoders)
-            try:
-                stats = self._loop(make_loader(stream, self.workers), pool, perturber, codec, expected)
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-                perturber.close()
-        else:
+        try:
+            for message in [*self.labels.warnings, *self.prepare_output(perturber.compute_label())]:
+                self.warn(message)
+            todo, skipped = self.my_shards()
+            if not self.on_cuda:
+                torch.set_num_threads(1)  # see Perturber._one: the parallelism is across images instead
+            stats = self._protect_shards(todo, perturber) if todo else []
+        finally:
             perturber.close()
-        return RankSummary(self.rank, self.world, len(todo) + skipped, skipped, stats, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        timings = {k: round(v, 3) for k, v in self.timer.seconds.items()}
+        return RankSummary(self.rank, self.world, len(todo) + skipped, skipped, stats, seconds, timings)
+
+    def _protect_shards(self, todo: list[str], perturber: Perturber) -> list[dict[str, Any]]:
+        codec = GpuCodec(self.device, self.spec) if self.opts.gpu_codec else None
+        stream = ProtectStream(
+            todo, label_map=self.labels.label_map, max_pixels=self.opts.max_pixels, gpu_jpeg=codec is not None
+        )
+        expected = sum(self.shard_set.sizes[Path(s).name] for s in todo)
+        pool = make_encode_pool(self.encode_backend, self.encoders)
+        try:
+            items = timed_iter(iter_items(stream, self.workers), self.timer, "wait_input")
+            return self._loop(items, pool, perturber, codec, expected)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _loop(
         self,
-        records: Iterator[Record | ShardEnd],
+        items: Iterator[Item | ShardEnd],
         pool: Executor,
         perturber: Perturber,
         codec: GpuCodec | None,
         expected: int,
     ) -> list[dict[str, Any]]:
+        """Main thread: group items into batches and run G; the encode pool and one tar-writer thread do the rest.
+
+        Every change to a shard's output goes through the single tar-writer thread, in submission order, so a
+        shard's bytes never depend on timing; the main thread waits only when more than ``inflight`` writes are
+        outstanding (which bounds memory) and never on fsync.
+        """
         writers: dict[str, ShardWriter] = {}
+        opened: list[ShardWriter] = []
         buckets: dict[str, SizeBuckets] = {}
-        pending: deque[PendingBatch | PendingEnd] = deque()
+        writes: deque[tuple[str, Future]] = deque()
         finished: list[dict[str, Any]] = []
+        tar_thread = ThreadPoolExecutor(1, thread_name_prefix="tar-writer")  # one thread: tasks run in order
         show = self.opts.progress and self.rank == 0
         with make_progress(disable=not show) as progress:
             task = progress.add_task(f"protect rank {self.rank}/{self.world}", total=expected)
             t0, done = time.perf_counter(), 0
 
-            def flush(block_until: int) -> None:
-                """Write finished batches in order; block on the oldest while more than ``block_until`` wait."""
+            def writer_for(shard: str) -> ShardWriter:
+                if shard not in writers:  # an empty shard still gets its (empty) tar
+                    writers[shard] = self._writer(shard)
+                    opened.append(writers[shard])
+                return writers[shard]
+
+            def settle(limit: int) -> None:
+                """Collect finished writes in order; block on the oldest while more than ``limit`` are outstanding."""
                 nonlocal done
-                while pending and (len(pending) > block_until or pending[0].done()):
-                    item = pending.popleft()
-                    if isinstance(item, PendingEnd):
-                        finished.append(writers.pop(item.shard).finish())
+                while writes and (len(writes) > limit or writes[0][1].done()):
+                    kind, future = writes.popleft()
+                    with self.timer("wait_write"):
+                        value = future.result()
+                    if kind == "end":
+                        finished.append(value)
                         continue
-                    done += self._write_batch(writers[item.shard], item)
-                    rate = done / max(time.perf_counter() - t0, 1e-9)
-                    progress.update(task, completed=done, info=f"{rate:,.0f} img/s")
-                    if self.delay:
+                    done += value
+                    progress.update(
+                        task, completed=done, info=f"{done / max(time.perf_counter() - t0, 1e-9):,.0f} img/s"
+                    )
+                    if self.delay and kind == "batch":
                         time.sleep(self.delay)
 
+            def submit(writer: ShardWriter, batch: list[Item]) -> None:
+                entry = self._submit(batch, pool, perturber, codec)
+                writes.append(("batch", tar_thread.submit(self._write_batch, writer, entry)))
+
             try:
-                for item in records:
+                for item in items:
                     if isinstance(item, ShardEnd):
-                        writer = self._writer(writers, item.shard)  # an empty shard still gets its (empty) tar
+                        writer = writer_for(item.shard)
                         for batch in buckets.pop(item.shard).drain() if item.shard in buckets else []:
-                            pending.append(self._submit(writer, batch, pool, perturber, codec))
-                        pending.append(PendingEnd(item.shard))
+                            submit(writer, batch)
+                        writes.append(("end", tar_thread.submit(writers.pop(item.shard).finish)))
                     else:
-                        writer = self._writer(writers, item.shard)
+                        writer = writer_for(item.shard)
                         bad = item.error or self._label_error(item)
                         if bad is not None:
-                            writer.quarantine(item.key, bad)
-                            done += not item.key.endswith(SHARD_ERROR_SUFFIX)
+                            writes.append(("bad", tar_thread.submit(writer.quarantine, item.key, bad)))
                             continue
-                        shard_buckets = buckets.setdefault(item.shard, SizeBuckets(self.opts.batch_size))
-                        for batch in shard_buckets.add(item, record_size(item)):
-                            pending.append(self._submit(writer, batch, pool, perturber, codec))
-                    flush(self.inflight)
-                flush(0)
+                        for batch in buckets.setdefault(item.shard, SizeBuckets(self.batch_size)).add(item):
+                            submit(writer, batch)
+                    settle(self.inflight)
+                settle(0)
             except BaseException:
-                for writer in writers.values():
+                tar_thread.shutdown(wait=True, cancel_futures=True)
+                for writer in opened:
                     writer.abort()
                 raise
+            finally:
+                tar_thread.shutdown(wait=True)
         return finished
 
-    def _writer(self, writers: dict[str, ShardWriter], shard: str) -> ShardWriter:
-        if shard not in writers:
-            name = Path(shard).name
-            context = {"rank": self.rank, "world_size": self.world, "eps": self.eps, "eps_levels": self.levels}
-            context.update(self.spec.describe(), generator_sha256=self.generator_sha)
-            writers[shard] = ShardWriter(self.out_dir, name, self.shard_set.sizes[name], context)
-        return writers[shard]
+    def _writer(self, shard: str) -> ShardWriter:
+        name = Path(shard).name
+        context = {"rank": self.rank, "world_size": self.world, "eps": self.eps, "eps_levels": self.levels}
+        context.update(self.spec.describe(), generator_sha256=self.generator_sha)
+        return ShardWriter(self.out_dir, name, self.shard_set.sizes[name], context)
 
-    def _label_error(self, record: Record) -> str | None:
-        if 0 <= record.label < self.labels.limit:
+    def _label_error(self, item: Item) -> str | None:
+        if 0 <= item.label < self.labels.limit:
             return None
-        return f"label {record.label} outside the generator's codes 0..{self.labels.limit - 1}"
+        return f"label {item.label} outside the generator's codes 0..{self.labels.limit - 1}"
 
-    def _submit(
-        self, writer: ShardWriter, batch: list[Record], pool: Executor, perturber: Perturber, codec: GpuCodec | None
-    ) -> PendingBatch:
+    def _submit(self, batch: list[Item], pool: Executor, perturber: Perturber, codec: GpuCodec | None) -> PendingBatch:
         """Run G on the batch now and hand the encoding to the pool (it overlaps with the next batch's forward)."""
-        shard = batch[0].shard
-        batch, originals = self._originals(writer, batch, codec)
-        if not batch:
-            return PendingBatch(shard, [], None, [])
-        labels = torch.tensor([r.label for r in batch], dtype=torch.long)
-        protected = perturber(originals, labels)
+        shard, rejected = batch[0].shard, []
+        with self.timer("forward"):
+            batch, originals = self._originals(rejected, batch, codec)
+            if not batch:
+                return PendingBatch(shard, [], None, [], rejected)
+            labels = torch.tensor([it.label for it in batch], dtype=torch.long)
+            protected = perturber(originals, labels)
         if codec is not None and codec.encode_on_gpu:
-            return PendingBatch(shard, batch, None, codec.encode_and_verify(protected, originals))
-        protected_np = protected.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-        originals_np = originals.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+            with self.timer("gpu_codec"):
+                results = codec.encode_and_verify(protected, originals)
+            if results is not None:
+                return PendingBatch(shard, batch, None, results, rejected)
+        sources = [it.image for it in batch]
+        if any(s is None for s in sources):  # decoded by nvJPEG: the originals live on the GPU only
+            sources = list(originals.cpu().numpy())
+        host, ready = self._to_host(protected)
         step = max(1, math.ceil(len(batch) / self.encoders))  # one task per encoder keeps them all busy
-        futures = [
-            pool.submit(encode_and_verify, protected_np[i : i + step], originals_np[i : i + step], self.spec)
-            for i in range(0, len(batch), step)
-        ]
-        return PendingBatch(shard, batch, futures)
+        futures = []
+        for i in range(0, len(batch), step):
+            args = (host[i : i + step], sources[i : i + step], self.spec)
+            futures.append(
+                pool.submit(encode_when_ready, ready, *args) if ready else pool.submit(encode_and_verify, *args)
+            )
+        return PendingBatch(shard, batch, futures, None, rejected)
+
+    def _to_host(self, protected: torch.Tensor) -> tuple[np.ndarray, Any]:
+        """The protected batch as a host array, and a CUDA event the encoders wait on (None if already there).
+
+        With a thread pool the copy is asynchronous, into fresh pinned memory (PyTorch's caching host allocator
+        reuses it only once nothing refers to it), so the main thread never waits for the GPU; a process pool
+        needs the bytes now."""
+        if not self.on_cuda:
+            return protected.numpy(), None
+        if self.encode_backend == "process":
+            return protected.cpu().numpy(), None
+        host = torch.empty(protected.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(protected, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host.numpy(), ready
 
     def _originals(
-        self, writer: ShardWriter, batch: list[Record], codec: GpuCodec | None
-    ) -> tuple[list[Record], torch.Tensor]:
-        """The batch's original images as one uint8 (N, 3, H, W) tensor; nvJPEG-decoded ones stay on the GPU."""
-        if batch[0].image is not None:
-            return batch, torch.stack([r.image for r in batch])  # type: ignore[misc]
-        assert codec is not None
-        decoded = codec.decode([r.raw["__jpeg__"] for r in batch])  # type: ignore[index]
+        self, rejected: list[tuple[str, str]], batch: list[Item], codec: GpuCodec | None
+    ) -> tuple[list[Item], torch.Tensor]:
+        """The batch's original images as one uint8 (N, H, W, 3) tensor; nvJPEG-decoded ones are on the GPU."""
+        if any(it.jpeg is not None for it in batch):
+            assert codec is not None
+            return self._gpu_decoded(rejected, batch, codec)
+        arrays = [it.image for it in batch if it.image is not None]
+        if not self.on_cuda:
+            return batch, torch.from_numpy(np.stack(arrays))
+        # Stacked straight into pinned memory, so the copy to the GPU is one asynchronous DMA.
+        staged = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.uint8, pin_memory=True)
+        np.stack(arrays, out=staged.numpy())
+        return batch, staged
+
+    def _gpu_decoded(
+        self, rejected: list[tuple[str, str]], batch: list[Item], codec: GpuCodec
+    ) -> tuple[list[Item], torch.Tensor]:
+        decoded = iter(codec.decode([it.jpeg for it in batch if it.jpeg is not None]))  # type: ignore[misc]
         kept, images = [], []
-        for record, image in zip(batch, decoded, strict=True):
-            if image is None or tuple(image.shape[-2:]) != record_size(record):
-                image = self._cpu_fallback(writer, record)
-            if image is None:
-                continue
-            record.raw.pop("__jpeg__", None)  # type: ignore[union-attr]
-            kept.append(record)
-            images.append(image.to(self.device))
-        if not kept:
-            return [], torch.empty(0)
-        return kept, torch.stack(images)
+        for item in batch:
+            if item.jpeg is None:
+                image: torch.Tensor | None = torch.from_numpy(item.image).to(self.device)  # type: ignore[arg-type]
+            else:
+                chw = next(decoded)
+                image = chw.permute(1, 2, 0) if chw is not None and tuple(chw.shape[-2:]) == item.size else None
+                if image is None:
+                    image = self._cpu_fallback(rejected, item)
+                item.jpeg = None
+            if image is not None:
+                kept.append(item)
+                images.append(image)
+        return kept, (torch.stack(images) if images else torch.empty(0))
 
-    def _cpu_fallback(self, writer: ShardWriter, record: Record) -> torch.Tensor | None:
-        """Decode a JPEG nvJPEG refused with the careful CPU decoder; if that fails too, quarantine the record."""
+    def _cpu_fallback(self, rejected: list[tuple[str, str]], item: Item) -> torch.Tensor | None:
+        """Decode a JPEG nvJPEG refused with the careful CPU decoder; if that fails too, the item is rejected."""
         try:
-            img = decode_image(record.raw["__jpeg__"])  # type: ignore[index]
+            img = decode_image(item.jpeg)  # type: ignore[arg-type]
         except BadImage as exc:
-            writer.quarantine(record.key, str(exc))
+            rejected.append((item.key, str(exc)))
             return None
-        if (img.height, img.width) != record_size(record):
-            writer.quarantine(record.key, f"decoded size {img.width}x{img.height} differs from the JPEG header")
+        if (img.height, img.width) != item.size:
+            rejected.append((item.key, f"decoded size {img.width}x{img.height} differs from the JPEG header"))
             return None
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        item.image = np.asarray(img, dtype=np.uint8)
+        return torch.from_numpy(item.image.copy()).to(self.device)
 
-    def _write_batch(self, writer: ShardWriter, item: PendingBatch) -> int:
-        results = item.results()
-        for record, encoded in zip(item.records, results, strict=True):
+    def _write_batch(self, writer: ShardWriter, entry: PendingBatch) -> int:
+        """Tar-writer thread: wait for the batch's encoding, then write it (and what its decode rejected)."""
+        for key, reason in entry.rejected:
+            writer.quarantine(key, reason)
+        for item, encoded in zip(entry.items, entry.results(), strict=True):
             if encoded.data is None or encoded.check is None:
-                writer.quarantine(record.key, encoded.error or "encoding failed")
+                writer.quarantine(item.key, encoded.error or "encoding failed")
                 continue
-            writer.write(output_sample(record, encoded.data, self.spec.extension, self.protected_info), encoded.check)
-        return len(item.records)
+            writer.write(output_sample(item, encoded.data, self.spec.extension, self.protected_info), encoded.check)
+        return len(entry.items) + len(entry.rejected)
 
     def warn(self, message: str) -> None:
         if self.rank == 0:
@@ -1129,6 +1295,9 @@ def print_rank_summary(summary: RankSummary) -> None:
             f"{rate:,.1f}",
         ]
     ]
+    if summary.timings:
+        phases = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(summary.timings.items(), key=lambda kv: -kv[1]))
+        console.print(f"main thread: {phases} of {summary.seconds:.1f}s")
     print_table(
         "segue protect: this rank (shards done now + already finished; |δ| in 1/255)",
         ["rank", "shards", "written", "quar.", "max|δ|", "mean|δ|", "PSNR", "img/s"],
@@ -1163,17 +1332,19 @@ def print_manifest(manifest: dict[str, Any]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--generator", required=True, help="exported generator (.safetensors or its folder)")
-    parser.add_argument("--in", dest="inp", required=True, help="input split folder, e.g. shards/lfw62/train")
-    parser.add_argument("--out", required=True, help="output split folder (must differ from --in)")
-    parser.add_argument("--labels", help="pseudo-label sidecar (key -> label) to use instead of the shards' .cls")
+    parser.add_argument("--generator", required=True, metavar="PATH", help="exported generator (.safetensors or dir)")
+    parser.add_argument("--in", dest="inp", required=True, metavar="DIR", help="input split, e.g. shards/lfw62/train")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output split folder (must differ from --in)")
+    parser.add_argument("--labels", metavar="JSON", help="pseudo-label sidecar (key -> label) instead of .cls")
     parser.add_argument("--format", choices=["png", "jpeg", "jpg"], default="png", help="output format (png)")
     parser.add_argument("--png-level", type=int, default=1, help="PNG zlib level 0..9 (1; 0 = fastest, largest)")
     parser.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1..100 (95)")
-    parser.add_argument("--batch-size", type=int, default=256, help="forward batch per shard and size (256)")
+    parser.add_argument("--batch-size", type=int, default=0, help="forward batch (0 = 256 on CUDA, 16 on CPU)")
     parser.add_argument("--workers", type=int, default=0, help="loader (decode) worker processes (0 = auto)")
     parser.add_argument("--encode-workers", type=int, default=0, help="encode pool size (0 = auto)")
-    parser.add_argument("--encode-backend", choices=["thread", "process"], default="thread", help="encode pool kind")
+    parser.add_argument(
+        "--encode-backend", choices=["auto", "thread", "process"], default="auto", help="encode pool kind (auto)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="CPU only: images through G in parallel (0 = auto)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto)")
     parser.add_argument("--gpu-codec", action="store_true", help="CUDA: nvJPEG decode of JPEG inputs, GPU JPEG encode")
