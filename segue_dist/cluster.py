@@ -62,6 +62,7 @@ class ExtractorTrainConfig:
     arch: str = "resnet18"
     embed_dim: int = 128
     image_size: int = 64
+    small_stem: bool | None = None
     epochs: int = 10
     batch_size: int = 64
     lr: float = 2e-3
@@ -79,7 +80,7 @@ def fit_extractor(cfg: ExtractorTrainConfig, show_progress: bool = True) -> Path
     shard_set = open_shard_set(cfg.shards)
     if not shard_set.labels:
         raise ConfigError(f"{cfg.shards} has no labels.json: the extractor trains on labelled identities")
-    model = FaceEmbedder(EmbedderConfig(cfg.arch, cfg.embed_dim, cfg.image_size)).to(device)
+    model = FaceEmbedder(EmbedderConfig(cfg.arch, cfg.embed_dim, cfg.image_size, cfg.small_stem)).to(device)
     head = CosineMarginHead(cfg.embed_dim, shard_set.num_classes, cfg.scale, cfg.margin).to(device)
     params = list(model.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -166,7 +167,11 @@ def load_feature_model(path: str, arch: str = "", image_size: int = 0) -> tuple[
         return model.eval(), {**meta, "sha256": file_sha256(weights)}
     backbone = _third_party_backbone(arch, weights)
     size = image_size or 112
-    return TorchvisionFeatures(backbone, size).eval(), {"arch": arch, "sha256": file_sha256(weights), "image_size": size}
+    return TorchvisionFeatures(backbone, size).eval(), {
+        "arch": arch,
+        "sha256": file_sha256(weights),
+        "image_size": size,
+    }
 
 
 def _third_party_backbone(arch: str, weights: Path) -> nn.Module:
@@ -231,7 +236,9 @@ def extract_features(
     if not todo:
         return counts
     loader = one_pass_loader(OnePassStream(todo, image_size=image_size), num_workers)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     total = sum(shard_set.sizes[Path(s).name] for s in todo)
     with make_progress(disable=not (show_progress and rank == 0)) as progress:
         task = progress.add_task("features", total=total)
@@ -336,7 +343,9 @@ def cluster(args: argparse.Namespace) -> dict[str, Any]:
     rank = dist_utils.rank()
     seed_everything(args.seed)
     model, model_meta = load_feature_model(args.extractor, args.extractor_arch, args.size)
-    image_size = args.size or int(model_meta.get("embedder", {}).get("image_size", 0) or model_meta.get("image_size", 112))
+    image_size = args.size or int(
+        model_meta.get("embedder", {}).get("image_size", 0) or model_meta.get("image_size", 112)
+    )
     t0 = time.perf_counter()
     counts = extract_features(
         args.shards, model, out, image_size=image_size, batch_size=args.batch_size, num_workers=args.workers
@@ -367,7 +376,9 @@ def cluster(args: argparse.Namespace) -> dict[str, Any]:
             feature_model_sha256=model_meta["sha256"],
             extra={"shards": str(args.shards), "kmeans": {"backend": result.backend, "inertia": float(result.inertia)}},
         )
-        save_safetensors({"centroids": torch.from_numpy(np.ascontiguousarray(result.centroids))}, out / "centroids.safetensors")
+        save_safetensors(
+            {"centroids": torch.from_numpy(np.ascontiguousarray(result.centroids))}, out / "centroids.safetensors"
+        )
         if (truth >= 0).all() and len(truth):
             summary["quality"] = clustering_report(truth, labels)
             print_table("pseudo-label quality", ["metric", "value"], quality_rows(summary["quality"]))
@@ -394,7 +405,13 @@ def choose_k(args: argparse.Namespace, out: Path) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", nargs="?", default="run", choices=["run", "fit-extractor"], help="run = features + K-means + sidecar + quality")
+    parser.add_argument(
+        "action",
+        nargs="?",
+        default="run",
+        choices=["run", "fit-extractor"],
+        help="run = features + K-means + sidecar + quality",
+    )
     parser.add_argument("--shards", required=True, help="split folder to label (or, for fit-extractor, a labelled one)")
     parser.add_argument("--out", required=True, help="output folder (features/, pseudo_labels.json, quality)")
     parser.add_argument("--k", type=int, default=0, help="number of identities K")
@@ -411,6 +428,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=10, help="fit-extractor: epochs")
     parser.add_argument("--arch", default="resnet18", help="fit-extractor: backbone")
     parser.add_argument("--embed-dim", type=int, default=128, help="fit-extractor: embedding size")
+    parser.add_argument(
+        "--small-stem", default="auto", choices=["auto", "on", "off"], help="fit-extractor: small-image stem"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -422,13 +442,16 @@ def run(args: argparse.Namespace) -> int:
             embed_dim=args.embed_dim,
             image_size=args.size or 64,
             epochs=args.epochs,
+            small_stem=None if args.small_stem == "auto" else args.small_stem == "on",
             seed=args.seed,
             num_workers=args.workers,
         )
         weights = fit_extractor(cfg)
         meta = read_json(weights.with_suffix(".json"))
         last = meta["history"][-1]
-        console.print(f"extractor: {weights} (train accuracy {last['train_accuracy']:.1%} over {meta['identities']} identities)")
+        console.print(
+            f"extractor: {weights} (train accuracy {last['train_accuracy']:.1%} over {meta['identities']} identities)"
+        )
         return 0
     if not args.extractor:
         raise ConfigError("--extractor is required: train one with `segue cluster fit-extractor` or give local weights")

@@ -1,23 +1,35 @@
 """`segue demo`: the whole path on the embedded synthetic corpus, as the README's main job.
 
-Stages run in order and each skips work that is already done, so a rerun after an interruption picks up where it
-stopped: corpus -> shards -> pseudo-labels -> train (2 processes) -> protect -> evaluate -> report.
+    corpus -> shards -> pseudo-labels (extractor on other identities, K-means, quality)
+           -> train G (2 processes, or the GPUs present) -> protect -> evaluate (victims on clean vs protected,
+              baselines, JPEG attacks, image quality) -> report
+
+Each stage runs the same `segue` command a user would, and skips itself when its output is complete, so a rerun
+after an interruption picks up where it stopped. `--unsupervised` trains the generator on the K-means
+pseudo-labels instead of the true labels (the paper's unsupervised scenario).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 from segue_dist.data.images import encode_jpeg
 from segue_dist.utils.io import atomic_write_bytes
-from segue_dist.utils.progress import console
+from segue_dist.utils.progress import console, print_table
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_demo_corpus(root: Path, identities: int, per_identity: int, size: int, seed: int) -> int:
     """Write the synthetic identity folders (JPEG, as real photo corpora are); returns the image count."""
-    import numpy as np
-
     from segue_dist.data.synthetic import generate_corpus
 
     count = 0
@@ -29,23 +41,105 @@ def write_demo_corpus(root: Path, identities: int, per_identity: int, size: int,
     return count
 
 
-def stage_shards(out: Path, args: argparse.Namespace) -> dict:
-    from segue_dist.shards import ShardsConfig, build_shards, print_summary
+def segue(*args: str, launcher: list[str] | None = None) -> None:
+    """Run one `segue` stage as a user would (its own process, its own progress output); fail loudly."""
+    cmd = [*(launcher or [sys.executable, "-m", "segue_dist.cli"]), *args]
+    console.rule(f"[bold]{' '.join(args[:2])}")
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        raise SystemExit(f"segue demo: stage failed ({proc.returncode}): {' '.join(cmd)}")
 
-    corpus = out / "corpus"
-    n = write_demo_corpus(corpus, args.identities, args.per_identity, args.size, args.seed)
-    console.print(f"[bold]demo corpus[/]: {args.identities} identities x {args.per_identity} images at {args.size} px ({n}) in {corpus}")
-    cfg = ShardsConfig(
-        src=str(corpus),
-        out=str(out / "shards"),
-        test_per_identity=args.test_per_identity,
-        samples_per_shard=args.samples_per_shard,
-        seed=args.seed,
-        workers=1,
-    )
-    summary = build_shards(cfg)
-    print_summary(summary, cfg.out)
-    return summary
+
+def training_launcher(processes: int) -> list[str]:
+    """accelerate launch with N processes: the GPUs when present, else N gloo processes on the CPU.
+
+    (`accelerate launch --cpu --num_processes 2` silently starts one process, so CPU uses the MULTI_GPU config
+    with use_cpu.)
+    """
+    import torch
+
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    gpus = torch.cuda.device_count()
+    if gpus >= 2:
+        config, n = "multi_gpu.yaml", min(processes, gpus)
+    elif gpus == 1:
+        config, n = "single_gpu.yaml", 1
+    else:
+        config, n = "cpu_2proc.yaml", processes
+    launch = [accelerate, "launch", "--config_file", str(REPO / "configs/accelerate" / config)]
+    if n > 1:
+        launch += ["--num_processes", str(n)]
+    return [*launch, "-m", "segue_dist.train"]
+
+
+def done(path: Path) -> bool:
+    return path.exists()
+
+
+def run_pipeline(args: argparse.Namespace) -> dict[str, float]:
+    out = Path(args.out)
+    shards, timings = out / "shards", {}
+
+    def timed(name: str, fn) -> None:
+        t0 = time.perf_counter()
+        fn()
+        timings[name] = time.perf_counter() - t0
+
+    def stage_shards() -> None:
+        n = write_demo_corpus(out / "corpus", args.identities, args.per_identity, args.size, args.seed)
+        console.print(f"demo corpus: {args.identities} identities x {args.per_identity} images, {args.size} px ({n})")
+        segue("shards", "build", "--src", str(out / "corpus"), "--out", str(shards),
+              "--test-per-identity", str(args.test_per_identity), "--samples-per-shard", str(args.samples_per_shard),
+              "--seed", str(args.seed), "--workers", "1")  # fmt: skip
+        # Other people (a different seed draws different looks) train the feature extractor: the paper's
+        # CelebA-trained model, i.e. identities disjoint from the ones being protected.
+        write_demo_corpus(out / "corpus_others", args.identities * 2, args.per_identity // 2, args.size, args.seed + 1)
+        segue("shards", "build", "--src", str(out / "corpus_others"), "--out", str(out / "shards_others"),
+              "--samples-per-shard", str(args.samples_per_shard), "--workers", "1")  # fmt: skip
+
+    def stage_pseudo_labels() -> None:
+        if not done(out / "extractor" / "extractor.json"):
+            segue("cluster", "fit-extractor", "--shards", str(out / "shards_others" / "train"),
+                  "--out", str(out / "extractor"), "--size", str(args.size), "--epochs", str(args.extractor_epochs), "--workers", "1",
+                  "--small-stem", "off")  # fmt: skip
+        if not done(out / "pseudo" / "pseudo_labels.json"):
+            segue("cluster", "--shards", str(shards / "train"), "--k", str(args.identities),
+                  "--extractor", str(out / "extractor"), "--out", str(out / "pseudo"), "--workers", "1")  # fmt: skip
+
+    def stage_train() -> None:
+        if done(out / "generator" / "generator.json"):
+            return
+        labels = [f"data.labels={out / 'pseudo' / 'pseudo_labels.json'}"] if args.unsupervised else []
+        segue("--config", str(REPO / "configs/train/demo.yaml"), f"out={out / 'generator'}",
+              f"data.train={shards / 'train'}", f"epochs={args.epochs}", *labels,
+              launcher=training_launcher(args.processes))  # fmt: skip
+
+    def stage_protect() -> None:
+        if not done(out / "protected" / "train" / "_manifest.json"):
+            segue("protect", "--generator", str(out / "generator" / "generator.safetensors"),
+                  "--in", str(shards / "train"), "--out", str(out / "protected" / "train"))  # fmt: skip
+
+    def stage_evaluate() -> None:
+        # The experiment config names runs/demo; point it at this --out.
+        text = (REPO / "configs/experiments/demo.yaml").read_text().replace("runs/demo", str(out))
+        experiment = out / "experiment.yaml"
+        atomic_write_bytes(experiment, text.encode("utf-8"))
+        epochs = [f"train.epochs={args.victim_epochs}"] if args.victim_epochs else []
+        segue("evaluate", "sweep", "--config", str(experiment), f"train.size={args.size}", *epochs)
+
+    def stage_report() -> None:
+        segue("report", "--results", str(out / "eval"), "--out", str(out / "report"))
+
+    for name, fn in (
+        ("shards", stage_shards),
+        ("pseudo-labels", stage_pseudo_labels),
+        ("train", stage_train),
+        ("protect", stage_protect),
+        ("evaluate", stage_evaluate),
+        ("report", stage_report),
+    ):
+        timed(name, fn)
+    return timings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,10 +149,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-per-identity", type=int, default=10)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--samples-per-shard", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=11, help="generator epochs (Algorithm 1)")
+    parser.add_argument("--extractor-epochs", type=int, default=8, help="feature extractor epochs")
+    parser.add_argument("--victim-epochs", type=int, default=0, help="victim epochs (0 = the experiment config's)")
+    parser.add_argument("--processes", type=int, default=2, help="training processes (gloo on CPU)")
+    parser.add_argument("--unsupervised", action="store_true", help="train G on K-means pseudo-labels")
+    parser.add_argument("--fresh", action="store_true", help="delete --out first")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    stage_shards(out, args)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    timings = run_pipeline(args)
+    print_table("segue demo", ["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()])
+    console.print(f"report: {out / 'report' / 'report.md'} (and report.html)")
     return 0

@@ -107,6 +107,9 @@ class DistortionConfig:
     rescale: bool = True
     rescale_range: tuple[float, float] = (0.25, 1.0)
     rescale_p: float = 0.5
+    # The down-scaled short side never goes below this: no attacker trains a face model on 8 px thumbnails, and at
+    # 32-64 px (CPU-scale runs) a 1/4 scale would wipe out identity and perturbation alike.
+    rescale_min_side: int = 16
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -138,6 +141,12 @@ class DistortionConfig:
         if not 0.0 < s_lo <= s_hi <= 1.0:
             raise ValueError(f"rescale_range must satisfy 0 < min <= max <= 1, got {self.rescale_range!r}")
         self.rescale_range = (s_lo, s_hi)
+        if (
+            isinstance(self.rescale_min_side, bool)
+            or not isinstance(self.rescale_min_side, int)
+            or self.rescale_min_side < 1
+        ):
+            raise ValueError(f"rescale_min_side must be an integer >= 1, got {self.rescale_min_side!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -492,6 +501,7 @@ class DistortionLayer(nn.Module):
                 # One scale per call (a resampled batch must share its size); it is redrawn at every step.
                 s_lo, s_hi = cfg.rescale_range
                 scale = s_lo + (s_hi - s_lo) * float(_uniform((1,), generator))
+                scale = min(1.0, max(scale, cfg.rescale_min_side / min(out.shape[-2:])))
                 out = _apply_masked(out, masks["rescale"], lambda t: rescale_down_up(t, scale))
             if "blur" in masks:
                 out = _apply_masked(out, masks["blur"], lambda t: gaussian_blur(t, cfg.blur_kernel, cfg.blur_sigma))

@@ -20,6 +20,7 @@ class EmbedderConfig:
     arch: str = "resnet18"
     embed_dim: int = 128
     image_size: int = 64
+    small_stem: bool | None = None  # None = the classifier factory's choice (on at <= 112 px)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -36,7 +37,9 @@ class FaceEmbedder(nn.Module):
     def __init__(self, config: EmbedderConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone = build_classifier(config.arch, config.embed_dim, image_size=config.image_size)
+        self.backbone = build_classifier(
+            config.arch, config.embed_dim, image_size=config.image_size, small_stem=config.small_stem
+        )
         self.bn = nn.BatchNorm1d(config.embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
