@@ -58,6 +58,9 @@ class ShardsConfig:
     out: str = ""
     min_per_identity: int = 1
     max_per_identity: int = 0  # 0 = no cap
+    # Keep only identities with fewer than this many images (0 = no limit). With min_per_identity it selects a band,
+    # e.g. the LFW identities *outside* LFW-62 (fewer than 20 images) to train a disjoint feature extractor.
+    below_per_identity: int = 0
     test_per_identity: int = 0
     test_fraction: float = 0.0
     size: list[int] = field(default_factory=list)  # [] keep, [s] square, [h, w]
@@ -73,6 +76,10 @@ class ShardsConfig:
         if self.max_per_identity and self.max_per_identity < self.min_per_identity:
             raise ValueError(
                 f"max_per_identity ({self.max_per_identity}) is below min_per_identity ({self.min_per_identity})"
+            )
+        if self.below_per_identity and self.below_per_identity <= self.min_per_identity:
+            raise ValueError(
+                f"below_per_identity ({self.below_per_identity}) must exceed min_per_identity ({self.min_per_identity})"
             )
         if self.test_per_identity < 0:
             raise ValueError(f"test_per_identity must be >= 0, got {self.test_per_identity}")
@@ -330,7 +337,11 @@ def plan_build(items: list[SourceItem], cfg: ShardsConfig) -> tuple[dict[str, in
     by_identity: dict[str, list[SourceItem]] = defaultdict(list)
     for item in items:
         by_identity[item.identity].append(item)
-    kept = sorted(ident for ident, group in by_identity.items() if len(group) >= cfg.min_per_identity)
+    kept = sorted(
+        ident
+        for ident, group in by_identity.items()
+        if len(group) >= cfg.min_per_identity and (not cfg.below_per_identity or len(group) < cfg.below_per_identity)
+    )
     labels = {ident: label for label, ident in enumerate(kept)}
     splits: dict[str, list[PlannedSample]] = {s: [] for s in SPLITS}
     for ident in kept:
@@ -682,6 +693,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output folder, e.g. shards/lfw62")
     parser.add_argument("--min-per-identity", type=int)
     parser.add_argument("--max-per-identity", type=int)
+    parser.add_argument("--below-per-identity", type=int, help="keep identities with fewer images than this")
     parser.add_argument("--test-per-identity", type=int)
     parser.add_argument("--test-fraction", type=float)
     parser.add_argument("--size", type=str, help="side or HxW, e.g. 64 or 112x96")
