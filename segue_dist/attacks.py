@@ -71,6 +71,7 @@ class AttackerConfig:
     grayscale: bool = False
     iss: bool = False  # grayscale + JPEG-10 (Image Shortcut Squeezing)
     resolution: int = 0  # 0 = the images' own size; else down-sample train AND test so the short side is this
+    scale: float = 1.0  # the same, relative: 0.5 = half the resolution (one config for 32 px and 224 px runs)
     protected_fraction: float = 1.0  # share of training images taken from the protected set (by key, seeded)
     standard_augment: bool = True  # random flip + crop (pad = side / 8), what every victim trains with
     cutout_holes: int = 2
@@ -96,6 +97,8 @@ class AttackerConfig:
             raise ValueError("iss already means grayscale + JPEG-10; do not also set jpeg_quality or grayscale")
         if self.resolution < 0 or 0 < self.resolution < 8:
             raise ValueError(f"resolution must be 0 (off) or >= 8, got {self.resolution}")
+        if not 0.0 < self.scale <= 1.0 or (self.scale < 1.0 and self.resolution):
+            raise ValueError(f"scale must be in (0, 1] and not combined with resolution, got {self.scale}")
         if not 0.0 <= self.protected_fraction <= 1.0:
             raise ValueError(f"protected_fraction must be in [0, 1], got {self.protected_fraction}")
         if self.cutout_holes < 1 or not 0.0 < self.cutout_frac <= 1.0:
@@ -117,6 +120,14 @@ class AttackerConfig:
     def effective_grayscale(self) -> bool:
         return self.iss or self.grayscale
 
+    def train_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (h, w) the victim trains and tests at, for images stored at (height, width)."""
+        if self.resolution:
+            return downscaled_size(height, width, self.resolution)
+        if self.scale < 1.0:
+            return downscaled_size(height, width, max(1, round(min(height, width) * self.scale)))
+        return height, width
+
     @property
     def group(self) -> str:
         """The robustness family this setting belongs to (a report table each); 'combined' if several are set."""
@@ -128,7 +139,7 @@ class AttackerConfig:
                 ("grayscale", self.grayscale),
                 ("iss", self.iss),
                 ("augment", self.augment != "none"),
-                ("resolution", self.resolution > 0),
+                ("resolution", self.resolution > 0 or self.scale < 1.0),
                 ("partial", self.protected_fraction < 1.0),
             )
             if on
@@ -204,8 +215,9 @@ def transform_images(x: Tensor, cfg: AttackerConfig, *, train: bool) -> Tensor:
         x = grayscale(x)
     if train and cfg.effective_jpeg:
         x = jpeg_compress(x, cfg.effective_jpeg)
-    if cfg.resolution:
-        x = downscale(x, cfg.resolution)
+    h, w = cfg.train_size(x.shape[-2], x.shape[-1])
+    if (h, w) != tuple(x.shape[-2:]):
+        x = downscale(x, min(h, w))
     return x
 
 

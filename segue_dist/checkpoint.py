@@ -43,7 +43,9 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     # safetensors writes by path: write a temporary sibling, then rename it into place.
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +66,9 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], what: s
         )
     for key, value in state.items():
         if own[key].shape != value.shape:
-            raise CheckpointError(f"{what}: shape mismatch at {key}: checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}")
+            raise CheckpointError(
+                f"{what}: shape mismatch at {key}: checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)}"
+            )
     module.load_state_dict(state, strict=True)
 
 
@@ -191,7 +195,8 @@ def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
             return tensors[skeleton["__tensor__"]]
         if "__dict__" in skeleton:
             return {
-                (k["__int__"] if isinstance(k, dict) else k): unflatten_state(v, tensors) for k, v in skeleton["__dict__"]
+                (k["__int__"] if isinstance(k, dict) else k): unflatten_state(v, tensors)
+                for k, v in skeleton["__dict__"]
             }
         if "__list__" in skeleton:
             return [unflatten_state(v, tensors) for v in skeleton["__list__"]]

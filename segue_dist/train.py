@@ -221,7 +221,9 @@ def disable_deepspeed_shm_build() -> None:
 class Runner:
     """One trainable model with its optimiser: DDP via Accelerate or a DeepSpeed engine, behind one interface."""
 
-    def __init__(self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, ds_config: dict | None):
+    def __init__(
+        self, name: str, model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, ds_config: dict | None
+    ):
         self.name = name
         self.rt = rt
         if ds_config is not None:
@@ -383,7 +385,9 @@ def checkpoint_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.out) / "checkpoints"
 
 
-def save_checkpoint(g: Runner, f: Runner, position: dict[str, int], rng: torch.Generator, cfg: TrainConfig, rt: Runtime) -> None:
+def save_checkpoint(
+    g: Runner, f: Runner, position: dict[str, int], rng: torch.Generator, cfg: TrainConfig, rt: Runtime
+) -> None:
     """Exact-resume state. DDP: one pickle-free safetensors + JSON written by rank 0. DeepSpeed: its own format."""
     from segue_dist.checkpoint import capture_rng, flatten_state, rng_to_tensors, save_state
 
@@ -411,7 +415,9 @@ def save_checkpoint(g: Runner, f: Runner, position: dict[str, int], rng: torch.G
     tensors.update(rng_tensors)
     tensors["distortion_rng"] = rng_states
     tensors.update(rank_buffers)
-    save_state(ckpt / "last", tensors, {"position": position, "optim": skeleton, "rng": rng_meta, "world_size": rt.world_size})
+    save_state(
+        ckpt / "last", tensors, {"position": position, "optim": skeleton, "rng": rng_meta, "world_size": rt.world_size}
+    )
 
 
 def gather_rng_states(rng: torch.Generator, rt: Runtime) -> torch.Tensor:
@@ -543,7 +549,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     start_epoch, skip = (position["epoch"], position["batch"]) if position else (1, 0)
     step = position["step"] if position else 0
 
-    batches = batches_per_epoch_for(shard_set.num_samples, rt.world_size, cfg.data.batch_size, cfg.data.samples_per_epoch)
+    batches = batches_per_epoch_for(
+        shard_set.num_samples, rt.world_size, cfg.data.batch_size, cfg.data.samples_per_epoch
+    )
     stream = TrainStream(
         shard_set,
         batch_size=cfg.data.batch_size,
@@ -577,7 +585,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             sums = {"loss": 0.0, "ce": 0.0, "l2": 0.0, "skipped": 0.0}
             seen = 0
             t0 = time.perf_counter()
-            for batch_index, (images, labels, skipped) in enumerate(train_loader(stream, cfg.data.num_workers), start=skip):
+            for batch_index, (images, labels, skipped) in enumerate(
+                train_loader(stream, cfg.data.num_workers), start=skip
+            ):
                 x, y = to_float_images(images, rt), labels.to(rt.device, non_blocking=True)
                 if stage == "f":
                     loss = f_step(g, f, x, y, cfg, rt)
@@ -681,7 +691,14 @@ def finish(
         summary["generator"] = str(weights)
     atomic_write_json(Path(cfg.out) / "train_summary.json", summary)
     rows = [
-        [str(r["epoch"]), r["stage"], f"{r['loss']:.4f}", f"{r['f_ce_on_unlearnable']:.4f}", f"{r['delta_l2']:.3f}", f"{r['samples_per_s']:.0f}"]
+        [
+            str(r["epoch"]),
+            r["stage"],
+            f"{r['loss']:.4f}",
+            f"{r['f_ce_on_unlearnable']:.4f}",
+            f"{r['delta_l2']:.3f}",
+            f"{r['samples_per_s']:.0f}",
+        ]
         for r in history
     ]
     print_table("segue train", ["epoch", "stage", "loss", "f CE on UE", "‖δ‖₂", "samples/s"], rows)
