@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 from segue_dist.config import ConfigError
 
@@ -32,17 +34,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_verb(verb: str, module: Any, args: argparse.Namespace) -> int:
+    """Run a stage; bad input becomes one line naming what is wrong and exit code 2, not a traceback."""
+    try:
+        return int(module.run(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"segue {verb}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def stage_main(verb: str, argv: Sequence[str] | None = None) -> int:
+    """`python -m segue_dist.<stage>` (what torchrun / accelerate launch start): the flags and errors of `segue <verb>`."""
+    module_name, help_text = VERBS[verb]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"segue {verb}", description=help_text)
+    module.add_arguments(parser)
+    return run_verb(verb, module, parser.parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     sys.argv = [sys.argv[0], *argv]
     parser = build_parser()
     args = parser.parse_args(argv)
-    module = importlib.import_module(args._module)
-    try:
-        return int(module.run(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"segue {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_verb(args.verb, importlib.import_module(args._module), args)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -464,15 +465,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="segue_dist.cluster", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"segue cluster: error: {exc}", file=sys.stderr)
-        return 2
+def main(argv: Sequence[str] | None = None) -> int:
+    from segue_dist.cli import stage_main
+
+    return stage_main("cluster", argv)
 
 
 if __name__ == "__main__":

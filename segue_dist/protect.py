@@ -1406,15 +1406,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m segue_dist.protect`` (torchrun / accelerate launch); same flags as the CLI."""
-    parser = argparse.ArgumentParser(prog="segue protect", description=__doc__.split("\n\n")[0] if __doc__ else None)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"segue protect: error: {exc}", file=sys.stderr)
-        return 2
+    from segue_dist.cli import stage_main
+
+    return stage_main("protect", argv)
 
 
 if __name__ == "__main__":
