@@ -19,22 +19,32 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-ATTACKS = {
-    "none": [{"name": "none"}],
-    "full": [
-        {"name": "none"},
-        {"name": "jpeg10", "jpeg_quality": 10},
-        {"name": "grayscale", "grayscale": True},
-        {"name": "iss", "iss": True},
-        {"name": "half_res", "scale": 0.5},
-        {"name": "quarter_res", "scale": 0.25},
-        {"name": "adv4", "adv_rho": 4 / 255},
-        {"name": "cutout", "augment": "cutout"},
-        {"name": "mixup", "augment": "mixup"},
-        {"name": "cutmix", "augment": "cutmix"},
-        {"name": "blur", "augment": "blur"},
-    ],
+ATTACK_CATALOGUE = {
+    "none": {"name": "none"},
+    "jpeg10": {"name": "jpeg10", "jpeg_quality": 10},
+    "grayscale": {"name": "grayscale", "grayscale": True},
+    "iss": {"name": "iss", "iss": True},
+    "half_res": {"name": "half_res", "scale": 0.5},
+    "quarter_res": {"name": "quarter_res", "scale": 0.25},
+    "adv4": {"name": "adv4", "adv_rho": 4 / 255},
+    "cutout": {"name": "cutout", "augment": "cutout"},
+    "mixup": {"name": "mixup", "augment": "mixup"},
+    "cutmix": {"name": "cutmix", "augment": "cutmix"},
+    "blur": {"name": "blur", "augment": "blur"},
 }
+PRESETS = {
+    "full": list(ATTACK_CATALOGUE),
+    "robust": ["none", "jpeg10", "grayscale", "iss", "half_res", "quarter_res", "adv4"],
+}
+
+
+def attacks_from(spec: str) -> list[dict]:
+    """A preset (full, robust) or a comma list of catalogue names (none,jpeg10,...)."""
+    names = PRESETS.get(spec, spec.split(","))
+    unknown = [n for n in names if n not in ATTACK_CATALOGUE]
+    if unknown:
+        raise SystemExit(f"--attacks: unknown {unknown}; choose from {sorted(ATTACK_CATALOGUE)} or {sorted(PRESETS)}")
+    return [ATTACK_CATALOGUE[n] for n in names]
 
 
 def segue(*args: str) -> float:
@@ -57,11 +67,13 @@ def main() -> None:
     p.add_argument("--gen-batch", type=int, default=64)
     p.add_argument("--victim-epochs", type=int, default=30)
     p.add_argument("--victims", default="resnet18")
-    p.add_argument("--attacks", default="none", choices=sorted(ATTACKS))
+    p.add_argument("--attacks", default="none", help="preset (full, robust) or comma list (none,jpeg10,half_res)")
     p.add_argument("--methods", default="lsp,random", help="baselines beside clean and segue (ue, lsp, random)")
     p.add_argument("--labels", default="", help="pseudo-label sidecar (unsupervised Segue)")
     p.add_argument("--generator", default="", help="use this generator instead of training one (cross-dataset)")
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra `segue train` override, repeatable (e.g. distortion.jpeg=false)")  # fmt: skip
     p.add_argument(
         "--small-stem",
         default="auto",
@@ -75,6 +87,7 @@ def main() -> None:
     generator = Path(args.generator) if args.generator else out / "generator" / "generator.safetensors"
     if not generator.exists():
         extra = [f"data.labels={args.labels}"] if args.labels else []
+        extra += args.train_set
         if args.small_stem != "auto":
             extra.append(f"surrogate.small_stem={'true' if args.small_stem == 'on' else 'false'}")
         timings["train_s"] = segue(
@@ -99,7 +112,7 @@ def main() -> None:
         "data": {"dataset": args.name, "clean_train": str(shards / "train"), "test": str(shards / "test")},
         "methods": methods,
         "victims": args.victims.split(","),
-        "attacks": ATTACKS[args.attacks],
+        "attacks": attacks_from(args.attacks),
         "train": {"size": args.size, "epochs": args.victim_epochs, "batch_size": 128, "workers": args.workers}
         | ({} if args.small_stem == "auto" else {"small_stem": args.small_stem == "on"}),
         "quality": True,

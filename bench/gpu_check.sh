@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# One prepared pass over the CUDA paths on a lent GPU machine, with measurements; every step has a time box.
+# One prepared pass on a lent GPU machine: the effectiveness tables at 64 px (glint24, LFW-62) through the same
+# `segue train / protect / evaluate / report` commands a user runs; every step has a time box and writes its rows
+# as it goes, so a step cut short still reports what it finished.
 # Usage (repo root, on the GPU host, with shards/glint24_64 and shards/lfw62_64 built beforehand and carried):
-#   bash bench/gpu_check.sh          -> JSON + logs under $OUT (default bench/results/gpu)
+#   bash bench/gpu_check.sh          -> JSON + reports + log under $OUT (default bench/results/gpu)
+# Build the shards first (CPU):
+#   segue shards build --src ../shared/data/glint24 --out shards/glint24_64 --test-per-identity 10 --size 64 \
+#     --samples-per-shard 128
+#   segue shards build --src ../shared/data/lfw423 --out shards/lfw62_64 --min-per-identity 20 \
+#     --max-per-identity 50 --test-per-identity 5 --size 64 --samples-per-shard 128
 # The host has torch/torchvision/accelerate but no network: webdataset travels as wheels in .whl/.
 set -uo pipefail
 OUT="${OUT:-bench/results/gpu}"
@@ -21,28 +28,35 @@ step() { echo "=== $1 ($(date +%T))" | tee -a "$LOG"; }
 nvidia-smi -L | tee "$LOG"
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'tv', torchvision.__version__, torch.cuda.get_device_name(0))" | tee -a "$LOG"
 
-step "effectiveness glint24 64 px: train G (20 epochs, bf16), protect, victims resnet18 + robustness attacks"
-timeout 200 $PY bench/effectiveness.py --name glint24_64 --shards shards/glint24_64 --size 64 --out "$W/glint24" \
-  --gen-epochs 20 --victim-epochs 30 --attacks full --methods lsp,random --workers 6 > "$W/glint24.log" 2>&1
-tail -30 "$W/glint24.log" | tee -a "$LOG"
-cp "$W/glint24/eval/results.json" "$OUT/effect_glint24_64.json" 2>/dev/null
-cp "$W/glint24/generator/train_summary.json" "$OUT/train_glint24_64.json" 2>/dev/null
+effect() {  # effect <seconds> <name> <log> args...
+  local limit=$1 name=$2; shift 2
+  timeout "$limit" $PY bench/effectiveness.py --size 64 --workers 6 "$@" > "$W/$name.log" 2>&1
+  echo "exit $? after step $name" | tee -a "$LOG"
+  grep -E "^\|" "$W/$name.log" | tail -20 | tee -a "$LOG"
+}
+save() {  # save <run dir> <name>
+  [ -f "$1/eval/results.json" ] && cp "$1/eval/results.json" "$OUT/effect_$2.json"
+  [ -f "$1/report/report.md" ] && cp "$1/report/report.md" "$OUT/report_$2.md"
+  [ -f "$1/generator/train_summary.json" ] && cp "$1/generator/train_summary.json" "$OUT/train_$2.json"
+  ls "$1/eval" 2>/dev/null | tee -a "$LOG"
+}
 
-step "effectiveness lfw62 64 px: victim sweep (6 architectures)"
-timeout 150 $PY bench/effectiveness.py --name lfw62_64 --shards shards/lfw62_64 --size 64 --out "$W/lfw62" \
-  --gen-epochs 20 --victim-epochs 30 --victims resnet18,resnet50,mobilenet_v2,inception_v3,efficientnet_b1,swin_t \
-  --methods lsp,random --workers 6 > "$W/lfw62.log" 2>&1
-tail -30 "$W/lfw62.log" | tee -a "$LOG"
-cp "$W/lfw62/eval/results.json" "$OUT/effect_lfw62_64.json" 2>/dev/null
+step "glint24 64 px: train G (30 epochs), protect, clean vs Segue vs LSP vs random (ResNet18)"
+effect 160 g24_main --name glint24_64 --shards shards/glint24_64 --out "$W/glint24" --gen-epochs 30 \
+  --victim-epochs 20 --methods lsp,random
+step "glint24 64 px: robustness rows for clean and Segue"
+effect 170 g24_robust --name glint24_64 --shards shards/glint24_64 --out "$W/glint24" --gen-epochs 30 \
+  --victim-epochs 20 --methods "" --attacks robust
+save "$W/glint24" glint24_64
 
-step "protect throughput per GPU, 224 px"
-timeout 110 $PY bench/protect_throughput.py --gpu --gpu-images 12000 --gpu-budget-s 80 --work "$W/protect" \
-  --out "$OUT/protect_throughput_gpu.json" 2>&1 | tail -14 | tee -a "$LOG"
+step "LFW-62 64 px: victim sweep (6 architectures)"
+effect 130 lfw62 --name lfw62_64 --shards shards/lfw62_64 --out "$W/lfw62" --gen-epochs 30 --victim-epochs 20 \
+  --victims resnet18,resnet50,mobilenet_v2,inception_v3,efficientnet_b1,swin_t --methods ""
+save "$W/lfw62" lfw62_64
 
-step "train throughput, 224 px, bf16 autocast + channels_last (loader vs in-memory)"
-timeout 60 $PY bench/train_throughput.py --shards "$W/protect/in224" --size 224 --batch-size 64 --steps 15 --workers 8 \
-  --device cuda --out "$OUT/train_throughput_gpu.json" 2>&1 | tail -8 | tee -a "$LOG"
-
-step "k-means on GPU (N=1M, D=512, K=10k, 20 iterations; torch path, no FAISS here)"
-timeout 90 $PY bench/kmeans.py --gpu --out "$OUT/kmeans_gpu.json" 2>&1 | tail -10 | tee -a "$LOG"
+step "glint24 64 px, the wider generator (width 32, 4 residual blocks) for comparison"
+effect 100 g24_wide --name glint24_64_wide --shards shards/glint24_64 --out "$W/glint24_wide" --gen-epochs 30 \
+  --victim-epochs 20 --methods "" --train-set generator.width=32 --train-set generator.num_res_blocks=4
+save "$W/glint24_wide" glint24_64_wide_generator
+cp "$W"/*.log "$OUT/" 2>/dev/null
 step "done"

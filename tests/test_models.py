@@ -68,7 +68,16 @@ def test_config_too_few_bits_names_both_fields():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("bits", 0), ("bits", 33), ("eps", 0.0), ("eps", 1.5), ("width", 0), ("num_res_blocks", -1), ("num_classes", 0)],
+    [
+        ("bits", 0),
+        ("bits", 33),
+        ("eps", 0.0),
+        ("eps", 1.5),
+        ("width", 0),
+        ("num_res_blocks", -1),
+        ("num_classes", 0),
+        ("decoder_norm", "batch"),
+    ],
 )
 def test_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -140,7 +149,7 @@ def test_generator_conditions_on_labels():
     x = torch.rand(1, 3, 32, 32).expand(4, -1, -1, -1)
     with torch.no_grad():
         delta = g(x, torch.tensor([0, 1, 5, 65535]))
-        # Same image and label -> same delta (per-sample InstanceNorm: the batch does not leak in).
+        # Same image and label -> same delta (no batch statistics anywhere: the batch does not leak in).
         again = g(torch.cat([x[:1], torch.rand(1, 3, 32, 32)]), torch.tensor([5, 0]))
     scale = float(delta.abs().mean())
     for i in range(4):
@@ -148,6 +157,18 @@ def test_generator_conditions_on_labels():
             # Already at init the label moves delta by a visible fraction of its size (the fusion keeps it).
             assert float((delta[i] - delta[j]).abs().mean()) > 0.02 * scale, (i, j)
     torch.testing.assert_close(again[0], delta[2])
+
+
+def test_default_generator_has_no_norm_after_the_fusion():
+    """The measured choice (models/generator.py): InstanceNorm only in the encoder, biased convs after the fusion."""
+    assert GeneratorConfig().decoder_norm == "none"
+    g = SegueGenerator(GeneratorConfig(width=8, num_res_blocks=1))
+    after_fusion = [*g.blocks.modules(), *g.decoder.modules()]
+    assert not any(isinstance(m, torch.nn.InstanceNorm2d) for m in after_fusion)
+    assert all(m.bias is not None for m in after_fusion if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)))
+    assert isinstance(g.encoder[0].norm, torch.nn.InstanceNorm2d)
+    with_norm = SegueGenerator(GeneratorConfig(width=8, num_res_blocks=1, decoder_norm="instance"))
+    assert isinstance(with_norm.decoder[0].norm, torch.nn.InstanceNorm2d)
 
 
 def test_generator_deterministic_with_seed():

@@ -9,8 +9,14 @@ Architecture (``C = width``)::
 
     x ─ pad to /4 ─ conv3x3 s1 C ─ conv3x3 s2 2C ─ conv3x3 s2 4C          (each IN(affine) + ReLU)
         ─ cat(bits broadcast) ─ conv3x3 4C + ReLU                          (fusion, no norm: see below)
-        ─ num_res_blocks x [conv-IN-ReLU-conv-IN + skip]
-        ─ convT s2 2C ─ convT s2 C (IN + ReLU) ─ conv3x3 3 ─ tanh * eps ─ crop
+        ─ num_res_blocks x [conv-N-ReLU-conv-N + skip]
+        ─ convT s2 2C ─ convT s2 C (N + ReLU) ─ conv3x3 3 ─ tanh * eps ─ crop
+
+N, the norm after the fusion, is ``decoder_norm``: ``none`` by default, ``instance`` as an option. The code enters
+as a per-sample, spatially constant offset of the fused features, the kind of offset InstanceNorm removes; without
+a norm there the offsets reach the output directly. Measured on glint24 at 32 px (16 epochs, no distortion,
+ResNet-18 victim at 63% on clean data): clean-test accuracy 67% with InstanceNorm after the fusion, 58% with
+BatchNorm (the paper's figure), 44% with none. The encoder keeps InstanceNorm: it sees only the image.
 
 Parameter names (``encoder.0.conv.weight`` ...) are the safetensors checkpoint keys: keep them stable.
 """
@@ -32,6 +38,7 @@ __all__ = ["GeneratorConfig", "SegueGenerator", "label_bits"]
 _DOWNSAMPLE = 4
 # The bottleneck must keep at least 2x2 positions or InstanceNorm has nothing to normalise over.
 _MIN_SIDE = 2 * _DOWNSAMPLE
+_DECODER_NORMS = ("none", "instance")
 
 
 @dataclass
@@ -47,6 +54,7 @@ class GeneratorConfig:
     width: int = 32
     num_res_blocks: int = 4
     eps: float = 8 / 255
+    decoder_norm: str = "none"  # norm after the label fusion: none | instance (see the module docstring)
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 32:
@@ -65,6 +73,8 @@ class GeneratorConfig:
             raise ValueError(f"num_res_blocks must be a non-negative integer, got {self.num_res_blocks!r}")
         if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not 0.0 < self.eps <= 1.0:
             raise ValueError(f"eps must be in (0, 1], got {self.eps!r}")
+        if self.decoder_norm not in _DECODER_NORMS:
+            raise ValueError(f"decoder_norm must be one of {', '.join(_DECODER_NORMS)}, got {self.decoder_norm!r}")
 
 
 def label_bits(labels: torch.Tensor, bits: int) -> torch.Tensor:
@@ -90,17 +100,29 @@ def label_bits(labels: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.bitwise_and(torch.bitwise_right_shift(labels.unsqueeze(1), shifts), 1).to(torch.float32)
 
 
-class ConvNormReLU(nn.Sequential):
-    """conv -> InstanceNorm(affine) -> ReLU.
+def make_norm(channels: int, kind: str) -> nn.Module:
+    """InstanceNorm(affine) or nothing.
 
-    InstanceNorm (not BatchNorm as in the paper's figure) makes each image's perturbation independent of
-    whatever else is in its batch and identical in train and eval mode, which a protection tool applied image by
-    image at corpus scale needs. The conv has no bias: InstanceNorm would subtract it again.
+    Never BatchNorm (the paper's figure): each image's perturbation must not depend on whatever else is in its
+    batch, and must be the same in train and eval mode, for a tool applied image by image at corpus scale.
     """
+    return nn.InstanceNorm2d(channels, affine=True) if kind == "instance" else nn.Identity()
+
+
+class ConvNormReLU(nn.Sequential):
+    """conv -> norm (InstanceNorm or none) -> ReLU. The conv has a bias only without a norm (one would subtract it)."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, *, transposed: bool = False
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        *,
+        transposed: bool = False,
+        norm: str = "instance",
     ) -> None:
+        bias = norm == "none"
         if transposed:
             # kernel 3, padding 1, output_padding 1: exactly doubles the size.
             conv: nn.Module = nn.ConvTranspose2d(
@@ -110,7 +132,7 @@ class ConvNormReLU(nn.Sequential):
                 stride=stride,
                 padding=kernel_size // 2,
                 output_padding=stride - 1,
-                bias=False,
+                bias=bias,
             )
         else:
             # Reflect padding at stride 1 avoids a dark frame in the perturbation; strided convs keep zeros.
@@ -121,20 +143,21 @@ class ConvNormReLU(nn.Sequential):
                 stride=stride,
                 padding=kernel_size // 2,
                 padding_mode="reflect" if stride == 1 else "zeros",
-                bias=False,
+                bias=bias,
             )
-        super().__init__(OrderedDict(conv=conv, norm=nn.InstanceNorm2d(out_ch, affine=True), act=nn.ReLU(inplace=True)))
+        super().__init__(OrderedDict(conv=conv, norm=make_norm(out_ch, norm), act=nn.ReLU(inplace=True)))
 
 
 class ResidualBlock(nn.Module):
-    """conv-IN-ReLU-conv-IN plus identity skip (the CycleGAN / Johnson et al. generator block)."""
+    """conv-norm-ReLU-conv-norm plus identity skip (the CycleGAN / Johnson et al. block; EDSR's without a norm)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, norm: str = "instance") -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect", bias=False)
-        self.norm1 = nn.InstanceNorm2d(channels, affine=True)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect", bias=False)
-        self.norm2 = nn.InstanceNorm2d(channels, affine=True)
+        bias = norm == "none"
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect", bias=bias)
+        self.norm1 = make_norm(channels, norm)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect", bias=bias)
+        self.norm2 = make_norm(channels, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.norm1(self.conv1(x)))
@@ -153,15 +176,14 @@ class SegueGenerator(nn.Module):
             ConvNormReLU(c, 2 * c, 3, 2),
             ConvNormReLU(2 * c, 4 * c, 3, 2),
         )
-        # Fusion of image features and the broadcast bit code. Deliberately *no* InstanceNorm here: the code is
-        # constant over space, so conv(code) is a per-channel constant, exactly what InstanceNorm subtracts. A norm
-        # right after the fusion would erase the label; the ReLU instead mixes it non-linearly into the features,
-        # where the following norms keep it (they only remove per-channel means, not the spatial pattern).
+        # Fusion of image features and the broadcast bit code. No norm here: the code is constant over space, so
+        # conv(code) is a per-channel constant, exactly what InstanceNorm subtracts (see decoder_norm).
         self.fuse = nn.Conv2d(4 * c + bits, 4 * c, 3, padding=1, padding_mode="reflect")
-        self.blocks = nn.Sequential(*[ResidualBlock(4 * c) for _ in range(self.config.num_res_blocks)])
+        norm = self.config.decoder_norm
+        self.blocks = nn.Sequential(*[ResidualBlock(4 * c, norm) for _ in range(self.config.num_res_blocks)])
         self.decoder = nn.Sequential(
-            ConvNormReLU(4 * c, 2 * c, 3, 2, transposed=True),
-            ConvNormReLU(2 * c, c, 3, 2, transposed=True),
+            ConvNormReLU(4 * c, 2 * c, 3, 2, transposed=True, norm=norm),
+            ConvNormReLU(2 * c, c, 3, 2, transposed=True, norm=norm),
         )
         self.head = nn.Conv2d(c, 3, 3, padding=1, padding_mode="reflect")
         # float32 bound used for the output. eps is a Python double; if its float32 rounding lies above it, step one
