@@ -28,7 +28,7 @@ step() { echo "=== $1 ($(date +%T))" | tee -a "$LOG"; }
 nvidia-smi -L | tee "$LOG"
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'tv', torchvision.__version__, torch.cuda.get_device_name(0))" | tee -a "$LOG"
 
-effect() {  # effect <seconds> <name> <log> args...
+effect() {  # effect <seconds> <step name> <bench/effectiveness.py args...>; log in $W/<step name>.log
   local limit=$1 name=$2; shift 2
   timeout "$limit" $PY bench/effectiveness.py --size 64 --workers 6 "$@" > "$W/$name.log" 2>&1
   echo "exit $? after step $name" | tee -a "$LOG"
