@@ -4,6 +4,9 @@ The loader must not be the bottleneck: loader-fed samples/s should be >= 90% of 
 
     python bench/train_throughput.py --shards shards/glint24_64/train --size 64 --out bench/results/train_throughput_cpu.json
     python bench/train_throughput.py --shards ... --size 224 --device cuda      (bf16 autocast, channels_last)
+
+G, the surrogate and the distortion layer come from a training config (default: configs/train/default.yaml, with
+any ``key=value`` override after ``--``), so the steps timed are the ones `segue train` runs.
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ from pathlib import Path
 
 import torch
 
+from segue_dist.config import load_config, to_dict
 from segue_dist.data.loader import TrainStream, open_shard_set, train_loader
-from segue_dist.distortion import DistortionConfig, DistortionLayer
-from segue_dist.models.classifiers import build_classifier
-from segue_dist.models.generator import GeneratorConfig, SegueGenerator
-from segue_dist.train import Runtime, TrainConfig, f_step, g_step
+from segue_dist.distortion import DistortionLayer
+from segue_dist.train import Runtime, TrainConfig, build_models, f_step, g_step
 from segue_dist.utils.io import atomic_write_json
 from segue_dist.utils.progress import print_table
 
@@ -68,22 +70,23 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench/results/train_throughput_cpu.json")
+    parser.add_argument("--config", default="configs/train/default.yaml", help="training config: G, f, distortion")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     shard_set = open_shard_set(args.shards)
     k = shard_set.num_classes
-    torch.manual_seed(0)
-    generator = SegueGenerator(GeneratorConfig(num_classes=k)).to(device)
-    surrogate = build_classifier("resnet18", k, image_size=args.size).to(device)
+    cfg = load_config(TrainConfig, args.config, [*args.overrides, f"data.image_size=[{args.size}]"])
+    generator, surrogate = build_models(cfg, k)
+    generator, surrogate = generator.to(device), surrogate.to(device)
     if device.type == "cuda":
         generator = generator.to(memory_format=torch.channels_last)
         surrogate = surrogate.to(memory_format=torch.channels_last)
     rt = Runtime(0, 1, device, torch.bfloat16 if device.type == "cuda" else None)
     g, f = PlainRunner("g", generator, 5e-4), PlainRunner("f", surrogate, 5e-4)
-    distortion = DistortionLayer(DistortionConfig()).to(device)
+    distortion = DistortionLayer(cfg.distortion).to(device)
     rng = torch.Generator().manual_seed(0)
-    cfg = TrainConfig()  # the step functions read only cfg.optim (alpha, beta, grad_clip)
 
     def f_fn(x, y):
         f_step(g, f, x, y, cfg, rt)
@@ -110,6 +113,11 @@ def main() -> None:
         "workers": args.workers,
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "steps": args.steps,
+        "config": args.config,
+        "generator": to_dict(generator.config),  # with K from the shards
+        "surrogate": to_dict(cfg.surrogate),
+        "small_stem": bool(getattr(surrogate, "small_stem", False)),
+        "distortion": to_dict(cfg.distortion),
         "results": results,
         "goal": "loader-fed >= 90% of in-memory",
         "goal_met": all(r["ratio"] >= 0.9 for r in results.values()),

@@ -47,6 +47,10 @@ GROUP_TITLES = {
     "combined": "Combined attacks",
 }
 METHOD_ORDER = ("clean", "segue", "ue", "lsp", "random")
+# The evaluation goals for Segue, as a ratio to chance: no attack on any victim, and the attacks that undo weaker
+# protections (JPEG-10, grayscale, ISS, adversarial training at 4/255, training at 1/2 and 1/4 resolution).
+GOAL_PLAIN = 1.2
+GOAL_ROBUST = 1.5
 
 
 # -------------------------------------------------------------------------------------------------------- collecting
@@ -238,6 +242,53 @@ def robustness_tables(victims: list[dict[str, Any]], dataset: str) -> list[Table
     return tables
 
 
+def goal_for(attack: dict[str, Any]) -> float | None:
+    """The ratio-to-chance goal a Segue row is held to, or None for attacks the goals do not name."""
+    group = attack.get("group") or "none"
+    if group == "none":
+        return GOAL_PLAIN
+    if group in ("grayscale", "iss"):
+        return GOAL_ROBUST
+    if group == "jpeg":
+        return GOAL_ROBUST if attack.get("jpeg_quality", 100) >= 10 else None
+    if group == "adversarial":
+        return GOAL_ROBUST if attack.get("adv_rho", 0.0) <= 4 / 255 + 1e-9 else None
+    if group == "resolution":
+        return GOAL_ROBUST if attack.get("scale", 1.0) >= 0.25 else None
+    return None
+
+
+def goals_table(victims: list[dict[str, Any]]) -> Table | None:
+    """Every Segue row the goals name: its ratio to chance against the goal, met or not."""
+    rows = []
+    for v in sorted(
+        victims,
+        key=lambda v: (
+            v["tags"].get("dataset", ""),
+            v["tags"]["victim"],
+            v["tags"]["group"] != "none",
+            v["tags"]["attack"],
+        ),
+    ):
+        tags = v["tags"]
+        if method_key(tags["method"])[0] != METHOD_ORDER.index("segue"):
+            continue
+        goal = goal_for({**tags.get("attack_config", {}), "group": tags.get("group")})
+        if goal is None:
+            continue
+        met = "yes" if v["x_chance"] <= goal else "**no**"
+        rows.append([tags.get("dataset", ""), tags["victim"], tags["attack"], fmt_acc(v), f"≤ {goal:g}×", met])
+    if not rows:
+        return None
+    note = (
+        f"Goals: ≤ {GOAL_PLAIN:g}× chance with no attack on every victim; ≤ {GOAL_ROBUST:g}× under JPEG-10, grayscale, "
+        "ISS, adversarial training at ρ_a = 4/255 and training at 1/2 and 1/4 resolution."
+    )
+    return Table(
+        "Goals: Segue against the targets", ["dataset", "victim", "attack", "accuracy", "goal", "met"], rows, note
+    )
+
+
 def quality_table(quality: list[dict[str, Any]]) -> Table | None:
     """Table III: image quality of each protected set against its clean set."""
     if not quality:
@@ -273,11 +324,9 @@ def time_table(results: Results) -> Table | None:
         )
     for sweep in results.sweeps:
         for name, method in sweep.get("methods", {}).items():
-            seconds, count = _protect_time(method)
+            seconds, count, compute = _protect_time(method)
             if seconds is not None and not method.get("baseline"):
-                rows.append(
-                    [name, str(count), f"{seconds:.2f}", f"{1000 * seconds / max(1, count):.2f}", "see protect stats"]
-                )
+                rows.append([name, str(count), f"{seconds:.2f}", f"{1000 * seconds / max(1, count):.2f}", compute])
     if not rows:
         return None
     note = "Baselines: perturbation generation only (reading and writing excluded). Segue: `segue protect` shard seconds (generator inference + encode, one-off generator training excluded), or `time_s` from the config."
@@ -286,14 +335,18 @@ def time_table(results: Results) -> Table | None:
     )
 
 
-def _protect_time(method: dict[str, Any]) -> tuple[float | None, int]:
+def _protect_time(method: dict[str, Any]) -> tuple[float | None, int, str]:
+    """(protect seconds, images, where G ran) from a `segue protect` output folder, or the config's `time_s`."""
     if method.get("time_s"):
-        return float(method["time_s"]), 0
+        return float(method["time_s"]), 0, str(method.get("device", ""))
     folder = Path(method.get("train", ""))
     if not (folder / "_manifest.json").is_file():
-        return None, 0
+        return None, 0, ""
     stats = [read_json(p) for p in sorted(folder.glob("*._stats.json"))]
-    return sum(float(s.get("seconds", 0.0)) for s in stats), sum(int(s.get("written", 0)) for s in stats)
+    settings = folder / "_protect.json"
+    compute = str(read_json(settings).get("compute", "")) if settings.is_file() else ""
+    seconds = sum(float(s.get("seconds", 0.0)) for s in stats)
+    return seconds, sum(int(s.get("written", 0)) for s in stats), compute
 
 
 def _dedupe(rows: list[list[str]]) -> list[list[str]]:
@@ -544,6 +597,7 @@ def build_sections(results: Results, samples: int) -> tuple[list[tuple[str, list
     datasets = sorted({v["tags"].get("dataset", "") for v in results.victims})
     sections: list[tuple[str, list[Table]]] = []
     sections.append(("Effectiveness", [t for t in [effectiveness_table(results.victims)] if t]))
+    sections.append(("Goals", [t for t in [goals_table(results.victims)] if t]))
     sections.append(
         (
             "Transferability",

@@ -355,6 +355,7 @@ def test_time_table_reads_protect_stats_and_svg_fallback(tmp_path: Path) -> None
     (segue / "_manifest.json").write_text("{}")
     (segue / "00000._stats.json").write_text(json.dumps({"seconds": 1.5, "written": 10}))
     (segue / "00001._stats.json").write_text(json.dumps({"seconds": 0.5, "written": 5}))
+    (segue / "_protect.json").write_text(json.dumps({"compute": "cpu-fp32-per-image"}))
     results = Results(
         baselines=[{"method": "ue", "samples": 15, "generation_s": 30.0, "device": "cpu"}],
         sweeps=[
@@ -369,10 +370,29 @@ def test_time_table_reads_protect_stats_and_svg_fallback(tmp_path: Path) -> None
     table = time_table(results)
     assert table is not None and table.rows == [
         ["ue", "15", "30.00", "2000.00", "cpu"],
-        ["segue", "15", "2.00", "133.33", "see protect stats"],
+        ["segue", "15", "2.00", "133.33", "cpu-fp32-per-image"],
     ]
     svg = _jpeg_svg({"clean": [(10, 40.0), (90, 50.0)], "segue": [(10, 5.0), (90, 4.0)]}, 4.2, "JPEG <test>")
     assert ET.fromstring(svg).tag.endswith("svg") and svg.count("<polyline") == 2
+
+
+def test_goals_table_holds_segue_rows_to_the_targets() -> None:
+    from segue_dist.report import goals_table
+
+    def row(method: str, attack: str, group: str, x: float, **config: object) -> dict:
+        tags = {"method": method, "victim": "resnet18", "dataset": "d", "attack": attack, "group": group}
+        return {"tags": {**tags, "attack_config": config}, "final_acc": 4.0 * x, "x_chance": x}
+
+    victims = [
+        row("segue", "none", "none", 1.1),
+        row("segue", "jpeg10", "jpeg", 2.0, jpeg_quality=10),
+        row("segue", "adv8", "adversarial", 1.0, adv_rho=8 / 255),  # stronger than the goals name: no goal
+        row("segue", "cutout", "augment", 1.0, augment="cutout"),  # not named by the goals
+        row("lsp", "none", "none", 1.0),  # baselines are not held to Segue's goals
+    ]
+    table = goals_table(victims)
+    assert table is not None
+    assert [(r[2], r[4], r[5]) for r in table.rows] == [("none", "≤ 1.2×", "yes"), ("jpeg10", "≤ 1.5×", "**no**")]
 
 
 def test_cli_victim_and_clear_errors(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -28,7 +28,7 @@ Library package: no I/O, no printing.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -52,21 +52,6 @@ __all__ = [
 ]
 
 Key = int | str
-
-
-class BaselineFn(Protocol):
-    def __call__(
-        self,
-        images: Tensor,
-        labels: Tensor,
-        *,
-        num_classes: int,
-        eps: float,
-        seed: int,
-        model_factory: Callable[[], nn.Module] | None = None,
-        keys: Sequence[Key] | None = None,
-        **kw: Any,
-    ) -> Tensor: ...
 
 
 def _check(images: Tensor, labels: Tensor, num_classes: int) -> None:
@@ -93,74 +78,73 @@ def _keys(keys: Sequence[Key] | None, n: int) -> list[Key]:
     return ks
 
 
-def _random(
-    images: Tensor,
-    labels: Tensor,
-    *,
-    num_classes: int,
-    eps: float,
-    seed: int,
-    model_factory: Callable[[], nn.Module] | None = None,
-    keys: Sequence[Key] | None = None,
-    **kw: Any,
-) -> Tensor:
-    _check(images, labels, num_classes)
+# A method's perturbation, given checked inputs and one stable key per image.
+PerturbFn = Callable[..., Tensor]
+
+
+def _random(images: Tensor, labels: Tensor, keys: list[Key], *, eps: float, seed: int, **kw: Any) -> Tensor:
     gen = RandomNoise(eps=eps, seed=seed, **kw)
-    delta = gen.perturbation(labels, _keys(keys, images.shape[0]), size=(images.shape[-2], images.shape[-1]))
-    return _effective(images, delta)
+    return gen.perturbation(labels, keys, size=(images.shape[-2], images.shape[-1]))
 
 
 def _lsp(
-    images: Tensor,
-    labels: Tensor,
-    *,
-    num_classes: int,
-    eps: float,
-    seed: int,
-    model_factory: Callable[[], nn.Module] | None = None,
-    keys: Sequence[Key] | None = None,
-    **kw: Any,
+    images: Tensor, labels: Tensor, keys: list[Key], *, num_classes: int, eps: float, seed: int, **kw: Any
 ) -> Tensor:
-    _check(images, labels, num_classes)
     gen = LSP(num_classes=num_classes, image_size=(images.shape[-2], images.shape[-1]), eps=eps, seed=seed, **kw)
-    return _effective(images, gen.perturbation(labels, _keys(keys, images.shape[0])))
+    return gen.perturbation(labels, keys)
 
 
 def _ue(
     images: Tensor,
     labels: Tensor,
+    keys: list[Key],
     *,
     num_classes: int,
     eps: float,
     seed: int,
-    model_factory: Callable[[], nn.Module] | None = None,
-    keys: Sequence[Key] | None = None,
+    model_factory: Callable[[], nn.Module] | None,
     **kw: Any,
 ) -> Tensor:
-    _check(images, labels, num_classes)
     if model_factory is None:
         raise ValueError("baseline 'ue' needs model_factory: a callable returning a fresh surrogate nn.Module")
-    device = kw.pop("device", None)
-    progress_callback = kw.pop("progress_callback", None)
-    cfg = UEConfig(eps=eps, **kw)
     # Reproducible surrogate init without disturbing the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "ue-surrogate-init"))
         model = model_factory()
-    result = run_ue(
-        model,
-        images,
-        labels,
-        cfg,
-        num_classes=num_classes,
-        seed=seed,
-        device=device,
-        progress_callback=progress_callback,
-    )
-    return result.delta
+    return generate_ue(model, images, labels, eps=eps, num_classes=num_classes, seed=seed, **kw)
 
 
-BASELINES: dict[str, BaselineFn] = {"random": _random, "lsp": _lsp, "ue": _ue}
+class BaselineFn:
+    """One method behind the common signature: inputs checked, keys resolved, ``delta`` made effective."""
+
+    def __init__(self, perturb: PerturbFn, uses: tuple[str, ...] = ()) -> None:
+        self.perturb = perturb
+        self.uses = uses  # which of num_classes / model_factory the method takes
+
+    def __call__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        num_classes: int,
+        eps: float,
+        seed: int,
+        model_factory: Callable[[], nn.Module] | None = None,
+        keys: Sequence[Key] | None = None,
+        **kw: Any,
+    ) -> Tensor:
+        _check(images, labels, num_classes)
+        given = {"num_classes": num_classes, "model_factory": model_factory}
+        extra = {name: given[name] for name in self.uses}
+        delta = self.perturb(images, labels, _keys(keys, images.shape[0]), eps=eps, seed=seed, **extra, **kw)
+        return _effective(images, delta)
+
+
+BASELINES: dict[str, BaselineFn] = {
+    "random": BaselineFn(_random),
+    "lsp": BaselineFn(_lsp, ("num_classes",)),
+    "ue": BaselineFn(_ue, ("num_classes", "model_factory")),
+}
 
 
 def make_baseline_perturbations(

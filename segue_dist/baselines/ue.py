@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -273,38 +273,20 @@ def generate_ue(
     images: Tensor,
     labels: Tensor,
     *,
-    mode: Literal["samplewise", "classwise"] = "samplewise",
     eps: float = 8 / 255,
-    step_size: float | None = None,
-    pgd_steps: int = 10,
-    train_steps: int = 10,
-    max_rounds: int = 30,
-    stop_acc: float = 0.99,
-    batch_size: int = 128,
-    lr: float = 0.1,
-    random_start: bool = False,
     num_classes: int | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
     progress_callback: ProgressCallback | None = None,
+    **config: Any,
 ) -> Tensor:
     """UE noise ``(N, 3, H, W)`` for a labelled image set (``|delta| <= eps``, ``x + delta`` in [0, 1]).
 
+    ``config``: any other :class:`UEConfig` field (``mode``, ``pgd_steps``, ``train_steps``, ``max_rounds``, ...).
     Class-wise mode returns each sample's class pattern clamped to its image; call :func:`run_ue` to also get the raw
     ``(K, 3, H, W)`` class noise, the number of rounds and whether the stopping accuracy was reached.
     """
-    cfg = UEConfig(
-        mode=mode,
-        eps=eps,
-        step_size=step_size,
-        pgd_steps=pgd_steps,
-        train_steps=train_steps,
-        max_rounds=max_rounds,
-        stop_acc=stop_acc,
-        batch_size=batch_size,
-        lr=lr,
-        random_start=random_start,
-    )
+    cfg = UEConfig(eps=eps, **config)
     return run_ue(
         model,
         images,

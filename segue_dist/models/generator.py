@@ -100,17 +100,19 @@ def label_bits(labels: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.bitwise_and(torch.bitwise_right_shift(labels.unsqueeze(1), shifts), 1).to(torch.float32)
 
 
-def make_norm(channels: int, kind: str) -> nn.Module:
-    """InstanceNorm(affine) or nothing.
+def make_norm(channels: int, kind: str) -> tuple[nn.Module, bool]:
+    """(InstanceNorm(affine) or nothing, whether the conv before it needs a bias: a norm would subtract one).
 
     Never BatchNorm (the paper's figure): each image's perturbation must not depend on whatever else is in its
     batch, and must be the same in train and eval mode, for a tool applied image by image at corpus scale.
     """
-    return nn.InstanceNorm2d(channels, affine=True) if kind == "instance" else nn.Identity()
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True), False
+    return nn.Identity(), True
 
 
 class ConvNormReLU(nn.Sequential):
-    """conv -> norm (InstanceNorm or none) -> ReLU. The conv has a bias only without a norm (one would subtract it)."""
+    """conv -> norm (InstanceNorm or none) -> ReLU."""
 
     def __init__(
         self,
@@ -122,7 +124,7 @@ class ConvNormReLU(nn.Sequential):
         transposed: bool = False,
         norm: str = "instance",
     ) -> None:
-        bias = norm == "none"
+        norm_layer, bias = make_norm(out_ch, norm)
         if transposed:
             # kernel 3, padding 1, output_padding 1: exactly doubles the size.
             conv: nn.Module = nn.ConvTranspose2d(
@@ -145,7 +147,7 @@ class ConvNormReLU(nn.Sequential):
                 padding_mode="reflect" if stride == 1 else "zeros",
                 bias=bias,
             )
-        super().__init__(OrderedDict(conv=conv, norm=make_norm(out_ch, norm), act=nn.ReLU(inplace=True)))
+        super().__init__(OrderedDict(conv=conv, norm=norm_layer, act=nn.ReLU(inplace=True)))
 
 
 class ResidualBlock(nn.Module):
@@ -153,11 +155,10 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, channels: int, norm: str = "instance") -> None:
         super().__init__()
-        bias = norm == "none"
+        self.norm1, bias = make_norm(channels, norm)
+        self.norm2, _ = make_norm(channels, norm)
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect", bias=bias)
-        self.norm1 = make_norm(channels, norm)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, padding_mode="reflect", bias=bias)
-        self.norm2 = make_norm(channels, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.norm1(self.conv1(x)))
