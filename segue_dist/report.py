@@ -87,6 +87,10 @@ def collect(results_dir: str | Path) -> Results:
             out.sweeps.append(data)
             for row in data.get("rows", []):
                 victims.setdefault((str(row["tags"].get("dataset", "")), row["name"]), row)
+            # A sweep's results.json carries its quality records too: a report from that one file keeps Table III.
+            for record in (data.get("quality") or {}).values():
+                if isinstance(record, dict) and record.get("kind") == "quality":
+                    quality.setdefault((str(record.get("clean")), str(record.get("protected"))), record)
         elif kind == "quality":
             quality[(str(data.get("clean")), str(data.get("protected")))] = data
         elif kind == "baseline":

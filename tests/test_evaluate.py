@@ -395,6 +395,17 @@ def test_goals_table_holds_segue_rows_to_the_targets() -> None:
     assert [(r[2], r[4], r[5]) for r in table.rows] == [("none", "≤ 1.2×", "yes"), ("jpeg10", "≤ 1.5×", "**no**")]
 
 
+def test_report_from_a_sweep_file_alone_keeps_its_quality(tmp_path: Path) -> None:
+    from segue_dist.report import collect, quality_table
+
+    record = {"kind": "quality", "clean": "a", "protected": "b", "method": "segue", "metrics": {"psnr": 31.0}}
+    (tmp_path / "results.json").write_text(json.dumps({"kind": "sweep", "rows": [], "quality": {"segue": record}}))
+    (tmp_path / "quality.json").write_text(json.dumps(record))  # the same pair measured twice counts once
+    results = collect(tmp_path)
+    table = quality_table(results.quality)
+    assert len(results.quality) == 1 and table is not None and table.rows[0][1] == "31"
+
+
 def test_cli_victim_and_clear_errors(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from segue_dist.cli import main
 
