@@ -77,6 +77,7 @@ def test_config_too_few_bits_names_both_fields():
         ("num_res_blocks", -1),
         ("num_classes", 0),
         ("decoder_norm", "batch"),
+        ("label_at_output", "yes"),
     ],
 )
 def test_config_validation_names_field(field, value):
@@ -169,6 +170,18 @@ def test_default_generator_has_no_norm_after_the_fusion():
     assert isinstance(g.encoder[0].norm, torch.nn.InstanceNorm2d)
     with_norm = SegueGenerator(GeneratorConfig(width=8, num_res_blocks=1, decoder_norm="instance"))
     assert isinstance(with_norm.decoder[0].norm, torch.nn.InstanceNorm2d)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (45, 61)])
+def test_label_at_output_feeds_the_code_to_the_head(size):
+    cfg = GeneratorConfig(width=8, num_res_blocks=1, label_at_output=True)
+    g = SegueGenerator(cfg)
+    assert g.head.in_channels == 8 + cfg.bits
+    x = torch.rand(2, 3, *size)
+    with torch.no_grad():
+        a, b = g(x, torch.tensor([0, 0])), g(x, torch.tensor([0, 5]))
+    assert a.shape == x.shape and float(a.abs().max()) <= cfg.eps
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
 
 
 def test_generator_deterministic_with_seed():
