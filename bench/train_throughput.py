@@ -5,8 +5,8 @@ The loader must not be the bottleneck: loader-fed samples/s should be >= 90% of 
     python bench/train_throughput.py --shards shards/glint24_64/train --size 64 --out bench/results/train_throughput_cpu.json
     python bench/train_throughput.py --shards ... --size 224 --device cuda      (bf16 autocast, channels_last)
 
-G, the surrogate and the distortion layer come from a training config (default: configs/train/default.yaml, with
-any ``key=value`` override after ``--``), so the steps timed are the ones `segue train` runs.
+G, the surrogate and the distortion layer come from a training config (default: configs/train/default.yaml, plus
+any trailing ``key=value`` overrides), so the steps timed are the ones `segue train` runs.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from segue_dist.data.loader import OnePassStream, Record, image_from_bytes, open_shard_set, read_sample_bytes
+from segue_dist.protect import MANIFEST_NAME, SETTINGS_NAME
 from segue_dist.utils.io import atomic_write_bytes, atomic_write_text, read_json
 from segue_dist.utils.progress import console
 
@@ -90,14 +91,18 @@ def collect(results_dir: str | Path) -> Results:
             # A sweep's results.json carries its quality records too: a report from that one file keeps Table III.
             for record in (data.get("quality") or {}).values():
                 if isinstance(record, dict) and record.get("kind") == "quality":
-                    quality.setdefault((str(record.get("clean")), str(record.get("protected"))), record)
+                    quality.setdefault(_quality_pair(record), record)
         elif kind == "quality":
-            quality[(str(data.get("clean")), str(data.get("protected")))] = data
+            quality[_quality_pair(data)] = data
         elif kind == "baseline":
             out.baselines.append(data)
     out.victims = list(victims.values())
     out.quality = list(quality.values())
     return out
+
+
+def _quality_pair(record: dict[str, Any]) -> tuple[str, str]:
+    return str(record.get("clean")), str(record.get("protected"))
 
 
 def method_key(name: str) -> tuple[int, str]:
@@ -344,10 +349,10 @@ def _protect_time(method: dict[str, Any]) -> tuple[float | None, int, str]:
     if method.get("time_s"):
         return float(method["time_s"]), 0, str(method.get("device", ""))
     folder = Path(method.get("train", ""))
-    if not (folder / "_manifest.json").is_file():
+    if not (folder / MANIFEST_NAME).is_file():
         return None, 0, ""
     stats = [read_json(p) for p in sorted(folder.glob("*._stats.json"))]
-    settings = folder / "_protect.json"
+    settings = folder / SETTINGS_NAME
     compute = str(read_json(settings).get("compute", "")) if settings.is_file() else ""
     seconds = sum(float(s.get("seconds", 0.0)) for s in stats)
     return seconds, sum(int(s.get("written", 0)) for s in stats), compute

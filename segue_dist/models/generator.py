@@ -111,6 +111,11 @@ def label_bits(labels: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.bitwise_and(torch.bitwise_right_shift(labels.unsqueeze(1), shifts), 1).to(torch.float32)
 
 
+def broadcast_code(code: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """The (B, bits) code as a (B, bits, H, W) map, constant over space, matching ``features``' size and dtype."""
+    return code.to(features.dtype)[:, :, None, None].expand(-1, -1, features.shape[-2], features.shape[-1])
+
+
 def make_norm(channels: int, kind: str) -> tuple[nn.Module, bool]:
     """(InstanceNorm(affine) or nothing, whether the conv before it needs a bias: a norm would subtract one).
 
@@ -229,12 +234,12 @@ class SegueGenerator(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
 
         h = self.encoder(x)
-        side = code.to(h.dtype)[:, :, None, None].expand(-1, -1, h.shape[-2], h.shape[-1])
+        side = broadcast_code(code, h)
         h = F.relu(self.fuse(torch.cat([h, side], dim=1)))
         h = self.blocks(h)
         h = self.decoder(h)
         if self.config.label_at_output:
-            h = torch.cat([h, code.to(h.dtype)[:, :, None, None].expand(-1, -1, h.shape[-2], h.shape[-1])], dim=1)
+            h = torch.cat([h, broadcast_code(code, h)], dim=1)
         # tanh in float32 (even under bf16 autocast) so the bound is exact and the output dtype is the image dtype.
         delta = torch.tanh(self.head(h).float()) * self._bound
         # tanh saturates to exactly +-1 in float32, so this clamp only guards against rounding in the product.
