@@ -252,7 +252,11 @@ def robustness_tables(victims: list[dict[str, Any]], dataset: str) -> list[Table
 
 
 def goal_for(attack: dict[str, Any]) -> float | None:
-    """The ratio-to-chance goal a Segue row is held to, or None for attacks the goals do not name."""
+    """The ratio-to-chance goal a Segue row is held to, or None where the goals say nothing.
+
+    An attack no stronger than one the goals name (JPEG above quality 10, ρ_a below 4/255, a scale above 1/4) is held
+    to the same bound: protection that holds against the stronger attack must hold against the milder one.
+    """
     group = attack.get("group") or "none"
     if group == "none":
         return GOAL_PLAIN
