@@ -41,6 +41,21 @@ save() {  # save <run dir> <name>
   ls "$1/eval" 2>/dev/null | tee -a "$LOG"
 }
 
+protection() {  # protection <seconds> <size> <variant args...>: bench/protection.py rows at 64 / 112 px on the GPU
+  local limit=$1 size=$2; shift 2
+  timeout "$limit" $PY bench/protection.py run --shards "shards/glint24_$size" --out "$OUT/protection_$size" \
+    --work "$W/protection_$size" --rows none,jpeg10,grayscale,iss,half_res "$@" >> "$W/protection_$size.log" 2>&1
+  echo "exit $? after protection $size $*" | tee -a "$LOG"
+}
+# First, what no CPU run can stand in for: the default recipe's attacker rows at 64 and 112 px (glint24; build
+# shards/glint24_112 like glint24_64 with --size 112), beside clean and LSP.
+for size in 64 112; do
+  step "protection rows, glint24 $size px"
+  protection 60 "$size" --name clean --method clean
+  protection 60 "$size" --name lsp --method lsp
+  protection 150 "$size" --name segue_template_joint --method segue --default segue_template_joint
+done
+
 step "glint24 64 px: train G (30 epochs), protect, clean vs Segue vs LSP vs random (ResNet18)"
 effect 160 g24_main --name glint24_64 --shards shards/glint24_64 --out "$W/glint24" --gen-epochs 30 \
   --victim-epochs 20 --methods lsp,random

@@ -111,7 +111,7 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, float]:
             return
         labels = [f"data.labels={out / 'pseudo' / 'pseudo_labels.json'}"] if args.unsupervised else []
         segue("--config", str(REPO / "configs/train/demo.yaml"), f"out={out / 'generator'}",
-              f"data.train={shards / 'train'}", f"epochs={args.epochs}", *labels,
+              f"data.train={shards / 'train'}", f"data.image_size=[{args.size}]", f"epochs={args.epochs}", *labels,
               launcher=training_launcher(args.processes))  # fmt: skip
 
     def stage_protect() -> None:
@@ -145,11 +145,11 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="where the demo writes everything")
     parser.add_argument("--identities", type=int, default=10)
-    parser.add_argument("--per-identity", type=int, default=40)
+    parser.add_argument("--per-identity", type=int, default=60)
     parser.add_argument("--test-per-identity", type=int, default=10)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--samples-per-shard", type=int, default=60)
-    parser.add_argument("--epochs", type=int, default=11, help="generator epochs (Algorithm 1)")
+    parser.add_argument("--epochs", type=int, default=12, help="generator epochs (Algorithm 1, joint schedule)")
     parser.add_argument("--extractor-epochs", type=int, default=8, help="feature extractor epochs")
     parser.add_argument("--victim-epochs", type=int, default=0, help="victim epochs (0 = the experiment config's)")
     parser.add_argument("--processes", type=int, default=2, help="training processes (gloo on CPU)")

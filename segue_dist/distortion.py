@@ -57,7 +57,9 @@ __all__ = [
     "jpeg_compress_differentiable",
     "jpeg_quant_tables",
     "pgd_perturbation",
+    "random_translate",
     "rescale_down_up",
+    "to_grayscale",
 ]
 
 _MODES = ("chain", "one_of")
@@ -107,6 +109,10 @@ class DistortionConfig:
     rescale: bool = True
     rescale_range: tuple[float, float] = (0.25, 1.0)
     rescale_p: float = 0.5
+    # The victim's own augmentation and colour attacks (off by default: the paper's layer has neither).
+    translate_p: float = 0.0  # random crop after reflect padding by translate_frac of the side (the victim's crop)
+    translate_frac: float = 0.125
+    grayscale_p: float = 0.0  # BT.601 luma on all three channels (grayscale and ISS attackers)
     # The down-scaled short side never goes below this: no attacker trains a face model on 8 px thumbnails, and at
     # 32-64 px (CPU-scale runs) a 1/4 scale would wipe out identity and perturbation alike.
     rescale_min_side: int = 16
@@ -129,7 +135,18 @@ class DistortionConfig:
             raise ValueError(f"blur_sigma must be > 0, got {self.blur_sigma!r}")
         if not _is_number(self.sharpness_factor) or self.sharpness_factor < 0:
             raise ValueError(f"sharpness_factor must be >= 0, got {self.sharpness_factor!r}")
-        for name in ("blur_p", "sharpness_p", "hflip_p", "vflip_p", "jpeg_p", "rescale_p"):
+        if not _is_number(self.translate_frac) or not 0.0 <= self.translate_frac <= 0.5:
+            raise ValueError(f"translate_frac must be in [0, 0.5], got {self.translate_frac!r}")
+        for name in (
+            "blur_p",
+            "sharpness_p",
+            "hflip_p",
+            "vflip_p",
+            "jpeg_p",
+            "rescale_p",
+            "translate_p",
+            "grayscale_p",
+        ):
             _check_probability(name, getattr(self, name))
         if self.jpeg_rounding not in _ROUNDINGS:
             raise ValueError(f"jpeg_rounding must be one of {', '.join(_ROUNDINGS)}, got {self.jpeg_rounding!r}")
@@ -191,6 +208,27 @@ def rescale_down_up(x: torch.Tensor, scale: float) -> torch.Tensor:
         return x
     small = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     return F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def to_grayscale(x: torch.Tensor) -> torch.Tensor:
+    """BT.601 luma of (B, 3, H, W), repeated on the three channels (what a grayscale or ISS attacker trains on)."""
+    weights = torch.tensor(_RGB_TO_YCC[0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * weights).sum(dim=1, keepdim=True).expand_as(x)
+
+
+def random_translate(x: torch.Tensor, frac: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop of the reflect-padded image (pad = frac x side on each border): the victim's crop augmentation.
+
+    Offsets are drawn per sample, uniformly in [0, 2 pad]; the output has the input's size. Differentiable in x.
+    """
+    b, _, h, w = x.shape
+    ph, pw = min(h - 1, round(h * frac)), min(w - 1, round(w * frac))
+    if ph == 0 and pw == 0:
+        return x
+    padded = F.pad(x, (pw, pw, ph, ph), mode="reflect")
+    oy = torch.floor(_uniform((b,), generator) * (2 * ph + 1)).long().tolist()
+    ox = torch.floor(_uniform((b,), generator) * (2 * pw + 1)).long().tolist()
+    return torch.stack([padded[i, :, oy[i] : oy[i] + h, ox[i] : ox[i] + w] for i in range(b)])
 
 
 # --- JPEG ------------------------------------------------------------------------------------------------------
@@ -486,6 +524,8 @@ class DistortionLayer(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             # Values outside [0, 1] (an unclipped x + delta) are clipped first, as any image encoder would.
             out = x.to(torch.promote_types(x.dtype, torch.float32)).clamp(0.0, 1.0)
+            if cfg.grayscale_p > 0:
+                out = _apply_masked(out, _uniform((batch,), generator) < cfg.grayscale_p, to_grayscale)
             if "jpeg" in masks:
                 q_lo, q_hi = cfg.jpeg_quality
                 span = q_hi - q_lo + 1
@@ -510,6 +550,9 @@ class DistortionLayer(nn.Module):
             flips = _uniform((2, batch), generator)
             out = _apply_masked(out, flips[0] < cfg.hflip_p, lambda t: t.flip(-1))
             out = _apply_masked(out, flips[1] < cfg.vflip_p, lambda t: t.flip(-2))
+            if cfg.translate_p > 0:
+                moved = _uniform((batch,), generator) < cfg.translate_p
+                out = _apply_masked(out, moved, lambda t: random_translate(t, cfg.translate_frac, generator))
 
         if use_pgd:
             assert model is not None and labels is not None

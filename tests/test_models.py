@@ -78,6 +78,12 @@ def test_config_too_few_bits_names_both_fields():
         ("num_classes", 0),
         ("decoder_norm", "batch"),
         ("label_at_output", "yes"),
+        ("side_info", "bits"),
+        ("upsample", "pixelshuffle"),
+        ("template_size", 0),
+        ("template_channels", 0),
+        ("luma_weight", 1.5),
+        ("template_skip", -1.0),
     ],
 )
 def test_config_validation_names_field(field, value):
@@ -182,6 +188,54 @@ def test_label_at_output_feeds_the_code_to_the_head(size):
         a, b = g(x, torch.tensor([0, 0])), g(x, torch.tensor([0, 5]))
     assert a.shape == x.shape and float(a.abs().max()) <= cfg.eps
     assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+
+
+def template_generator(**kw) -> SegueGenerator:
+    torch.manual_seed(0)
+    cfg = dict(
+        width=8, num_res_blocks=1, side_info="template", template_size=4, label_at_output=True, upsample="resize"
+    )
+    return SegueGenerator(GeneratorConfig(**{**cfg, **kw}))
+
+
+def test_template_skip_needs_a_template():
+    with pytest.raises(ValueError, match="template_skip needs side_info=template"):
+        GeneratorConfig(template_skip=20.0)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (45, 61), (112, 112)])
+def test_template_side_information_is_spatial_and_per_label(size):
+    g = template_generator(template_skip=20.0)
+    code = torch.eye(16)[:2]
+    template = g.side_information(code)
+    assert template.shape == (2, 16, 4, 4)
+    assert template[0].std(dim=(-2, -1)).mean() > 0  # varies over space, unlike the broadcast code
+    x = torch.rand(1, 3, *size).expand(3, -1, -1, -1)
+    with torch.no_grad():
+        delta = g(x, torch.tensor([0, 1, 60000]))  # 60000: a label no training set had still gets its own pattern
+    assert delta.shape == x.shape and float(delta.abs().max()) <= g.eps
+    assert not torch.equal(delta[0], delta[1]) and not torch.equal(delta[1], delta[2])
+    # The direct path paints a coarse pattern: most of delta's energy is at the template's scale, not pixel noise.
+    coarse = torch.nn.functional.avg_pool2d(delta, 4)
+    assert float(coarse.pow(2).mean()) > 0.5 * float(delta.pow(2).mean())
+
+
+def test_resize_decoder_has_no_transposed_convolution():
+    g = template_generator()
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in g.modules())
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in small_generator().modules())
+
+
+def test_luma_part_is_kept_by_grayscale_and_bound_holds():
+    g = template_generator(luma_weight=0.75)
+    assert g.head.out_channels == 4
+    with torch.no_grad():
+        g.head.weight.mul_(1e4)  # saturate: the mix of the two tanh parts must still respect eps
+        delta = g(torch.rand(2, 3, 32, 32), torch.tensor([3, 4]))
+    assert float(delta.abs().max()) <= g.eps
+    # The common (luminance) part is at least luma_weight * eps wherever both parts saturate with the same sign.
+    common = delta.mean(dim=1)
+    assert float(common.abs().max()) >= 0.75 * g.eps - 1e-6
 
 
 def test_generator_deterministic_with_seed():

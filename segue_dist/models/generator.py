@@ -2,15 +2,16 @@
 
 G maps a clean image ``x`` in [0, 1] and an identity label ``y`` to a perturbation ``delta`` with
 ``|delta| <= eps`` everywhere. The label enters as side information: its exact ``bits``-bit binary code
-(MSB first, so ``y = 5`` -> ``0...0101``) is broadcast over the bottleneck feature map, concatenated with the
-image features and fused back to ``4C`` channels by one convolution (paper III-A, following [21]).
+(MSB first, so ``y = 5`` -> ``0...0101``), as a map (the code broadcast over space, the paper; or its spatial
+template, see ``side_info``) concatenated with the bottleneck features and fused back to ``4C`` channels by one
+convolution (paper III-A, following [21]).
 
 Architecture (``C = width``)::
 
     x ─ pad to /4 ─ conv3x3 s1 C ─ conv3x3 s2 2C ─ conv3x3 s2 4C          (each IN(affine) + ReLU)
-        ─ cat(bits broadcast) ─ conv3x3 4C + ReLU                          (fusion, no norm: see below)
+        ─ cat(side information map) ─ conv3x3 4C + ReLU                    (fusion, no norm: see below)
         ─ num_res_blocks x [conv-N-ReLU-conv-N + skip]
-        ─ convT s2 2C ─ convT s2 C (N + ReLU) ─ conv3x3 3 ─ tanh * eps ─ crop
+        ─ up s2 2C ─ up s2 C (N + ReLU) ─ [cat(side map)] ─ conv3x3 3 [+ template skip] ─ tanh * eps ─ crop
 
 N, the norm after the fusion, is ``decoder_norm``: ``none`` by default, ``instance`` as an option. The code enters
 as a per-sample, spatially constant offset of the fused features, the kind of offset InstanceNorm removes; without
@@ -18,13 +19,27 @@ a norm there the offsets reach the output directly. Measured on glint24 at 32 px
 ResNet-18 victim at 63% on clean data): clean-test accuracy 67% with InstanceNorm after the fusion, 58% with
 BatchNorm (the paper's figure), 44% with none. The encoder keeps InstanceNorm: it sees only the image.
 
-``label_at_output`` also concatenates the bit code to the input of the output conv, at full resolution. Fused only
-at the bottleneck, the spatially constant code leaves G through two stride-2 transposed convolutions as a
-period-2/4 lattice (the checkerboard in the residual pictures): the highest spatial frequencies, which a stride-2
-stem, down-sampling and JPEG remove. At full resolution it can also set a low-frequency, per-identity offset. Measured
-on CPU (glint24 32 px, standard-stem ResNet-18 victim with flip + crop, 59.6% clean): 40.8% with it and the down-up
-rescale distortion after 26 epochs, 46.7% after 16, against 54.6% for the default at 16 epochs. Off by default: the
-GPU results in the README were measured without it.
+``label_at_output`` also fuses the side information before the output conv, at full resolution.
+
+Side information (``side_info``):
+
+* ``constant`` (the paper): the bits, broadcast over space. Fused only at the bottleneck, a spatially constant code
+  leaves G through the two stride-2 transposed convolutions as a period-2/4 lattice: the highest spatial
+  frequencies, which a stride-2 stem, down-sampling, JPEG and a victim's random crop remove or scramble. Measured
+  (glint24 32 px, README Effectiveness): no protection at CPU scale.
+* ``template``: an MLP decodes the bits into a ``template_channels x s x s`` map (``s = template_size``), resized
+  bilinearly to each fusion point, so the code can draw per-identity *spatial* structure at a scale relative to the
+  face (a 4x4 template is 8 px cells at 32 px, 28 px cells at 112 px). ``template_skip > 0`` adds a direct path
+  from the template (1x1 conv at template resolution, resized, times the gain) to the pre-tanh output, so that G
+  paints a coarse, saturated class-wise pattern from the first step; measured worse than without it (glint24 32 px:
+  13.3% against 7.9% for the victim), so it is 0 in the default recipe. Coarse colour structure is the pattern a
+  victim learns first and that crops and half resolution keep (probes in ``bench/protection.py``: fixed class-wise
+  colour blocks on a 2x2 / 4x4 / 8x8 grid give 22% / 26% / 51% against 55% clean; luminance-only blocks 52%).
+
+``upsample=resize`` replaces the transposed convolutions by bilinear x2 + conv (no checkerboard), ``luma_weight``
+spends that share of eps on one plane added equally to R, G and B (what a grayscale attacker keeps). Any 16-bit code
+up to ``2**bits - 1`` gets a template, so labels unseen in training are still protected (paper: once-trained
+multiple use).
 
 Parameter names (``encoder.0.conv.weight`` ...) are the safetensors checkpoint keys: keep them stable.
 """
@@ -47,6 +62,10 @@ _DOWNSAMPLE = 4
 # The bottleneck must keep at least 2x2 positions or InstanceNorm has nothing to normalise over.
 _MIN_SIDE = 2 * _DOWNSAMPLE
 _DECODER_NORMS = ("none", "instance")
+_SIDE_INFO = ("constant", "template")
+_UPSAMPLE = ("transposed", "resize")
+# Hidden width of the MLP that decodes the bit code into the template.
+_TEMPLATE_HIDDEN = 128
 
 
 @dataclass
@@ -63,7 +82,15 @@ class GeneratorConfig:
     num_res_blocks: int = 4
     eps: float = 8 / 255
     decoder_norm: str = "none"  # norm after the label fusion: none | instance (see the module docstring)
-    label_at_output: bool = False  # also feed the bit code to the output conv, at full resolution (see below)
+    label_at_output: bool = False  # also feed the side information to the output conv, at full resolution
+    side_info: str = "constant"  # how the code enters: constant (broadcast bits, the paper) | template (spatial map)
+    template_size: int = 8  # template: side of the code's spatial map (resized to each fusion point)
+    template_channels: int = 16  # template: channels of that map
+    upsample: str = (
+        "transposed"  # decoder: transposed (stride-2 transposed convs, the paper) | resize (bilinear + conv)
+    )
+    luma_weight: float = 0.0  # share of eps spent on a luminance part (same delta on R, G, B) that grayscale keeps
+    template_skip: float = 0.0  # template: gain of a direct path from the template to the output (0 = none)
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 32:
@@ -86,6 +113,25 @@ class GeneratorConfig:
             raise ValueError(f"label_at_output must be true or false, got {self.label_at_output!r}")
         if self.decoder_norm not in _DECODER_NORMS:
             raise ValueError(f"decoder_norm must be one of {', '.join(_DECODER_NORMS)}, got {self.decoder_norm!r}")
+        if self.side_info not in _SIDE_INFO:
+            raise ValueError(f"side_info must be one of {', '.join(_SIDE_INFO)}, got {self.side_info!r}")
+        if self.upsample not in _UPSAMPLE:
+            raise ValueError(f"upsample must be one of {', '.join(_UPSAMPLE)}, got {self.upsample!r}")
+        for name in ("template_size", "template_channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if (
+            isinstance(self.template_skip, bool)
+            or not isinstance(self.template_skip, (int, float))
+            or self.template_skip < 0
+        ):
+            raise ValueError(f"template_skip must be >= 0, got {self.template_skip!r}")
+        if self.template_skip and self.side_info != "template":
+            raise ValueError("template_skip needs side_info=template")
+        w = self.luma_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
+            raise ValueError(f"luma_weight must be in [0, 1], got {w!r}")
 
 
 def label_bits(labels: torch.Tensor, bits: int) -> torch.Tensor:
@@ -111,9 +157,16 @@ def label_bits(labels: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.bitwise_and(torch.bitwise_right_shift(labels.unsqueeze(1), shifts), 1).to(torch.float32)
 
 
-def broadcast_code(code: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """The (B, bits) code as a (B, bits, H, W) map, constant over space, matching ``features``' size and dtype."""
-    return code.to(features.dtype)[:, :, None, None].expand(-1, -1, features.shape[-2], features.shape[-1])
+def side_map(side: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Side information as a map of ``features``' size and dtype.
+
+    A (B, bits) code is broadcast, constant over space (the paper); a (B, C, s, s) template is resized bilinearly,
+    so the same template lands at the same relative place in an image of any size.
+    """
+    size = features.shape[-2:]
+    if side.ndim == 2:
+        return side.to(features.dtype)[:, :, None, None].expand(-1, -1, *size)
+    return F.interpolate(side.float(), size=size, mode="bilinear", align_corners=False).to(features.dtype)
 
 
 def make_norm(channels: int, kind: str) -> tuple[nn.Module, bool]:
@@ -128,7 +181,7 @@ def make_norm(channels: int, kind: str) -> tuple[nn.Module, bool]:
 
 
 class ConvNormReLU(nn.Sequential):
-    """conv -> norm (InstanceNorm or none) -> ReLU."""
+    """conv -> norm (InstanceNorm or none) -> ReLU; ``upsample`` doubles the size first (transposed or resize)."""
 
     def __init__(
         self,
@@ -137,13 +190,14 @@ class ConvNormReLU(nn.Sequential):
         kernel_size: int = 3,
         stride: int = 1,
         *,
-        transposed: bool = False,
+        upsample: str = "",
         norm: str = "instance",
     ) -> None:
         norm_layer, bias = make_norm(out_ch, norm)
-        if transposed:
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        if upsample == "transposed":
             # kernel 3, padding 1, output_padding 1: exactly doubles the size.
-            conv: nn.Module = nn.ConvTranspose2d(
+            layers["conv"] = nn.ConvTranspose2d(
                 in_ch,
                 out_ch,
                 kernel_size,
@@ -153,8 +207,12 @@ class ConvNormReLU(nn.Sequential):
                 bias=bias,
             )
         else:
+            if upsample == "resize":
+                # Resize-convolution (Odena et al. 2016): no stride-2 transposed kernel, so no checkerboard lattice.
+                layers["up"] = nn.Upsample(scale_factor=stride, mode="bilinear", align_corners=False)
+                stride = 1
             # Reflect padding at stride 1 avoids a dark frame in the perturbation; strided convs keep zeros.
-            conv = nn.Conv2d(
+            layers["conv"] = nn.Conv2d(
                 in_ch,
                 out_ch,
                 kernel_size,
@@ -163,7 +221,9 @@ class ConvNormReLU(nn.Sequential):
                 padding_mode="reflect" if stride == 1 else "zeros",
                 bias=bias,
             )
-        super().__init__(OrderedDict(conv=conv, norm=norm_layer, act=nn.ReLU(inplace=True)))
+        layers["norm"] = norm_layer
+        layers["act"] = nn.ReLU(inplace=True)
+        super().__init__(layers)
 
 
 class ResidualBlock(nn.Module):
@@ -193,17 +253,34 @@ class SegueGenerator(nn.Module):
             ConvNormReLU(c, 2 * c, 3, 2),
             ConvNormReLU(2 * c, 4 * c, 3, 2),
         )
-        # Fusion of image features and the broadcast bit code. No norm here: the code is constant over space, so
-        # conv(code) is a per-channel constant, exactly what InstanceNorm subtracts (see decoder_norm).
-        self.fuse = nn.Conv2d(4 * c + bits, 4 * c, 3, padding=1, padding_mode="reflect")
-        norm = self.config.decoder_norm
+        if self.config.side_info == "template":
+            # Side information as a spatial map: an MLP decodes the code into template_channels x s x s, resized to
+            # each fusion point. Any code up to 2**bits gets a template, so unseen labels are still protected.
+            size, side_ch = self.config.template_size, self.config.template_channels
+            self.template = nn.Sequential(
+                nn.Linear(bits, _TEMPLATE_HIDDEN),
+                nn.ReLU(inplace=True),
+                nn.Linear(_TEMPLATE_HIDDEN, side_ch * size * size),
+            )
+        else:
+            side_ch = bits
+        # Fusion of image features and the side information. No norm here: a constant code makes conv(code) a
+        # per-channel constant, exactly what InstanceNorm subtracts (see decoder_norm).
+        self.fuse = nn.Conv2d(4 * c + side_ch, 4 * c, 3, padding=1, padding_mode="reflect")
+        norm, up = self.config.decoder_norm, self.config.upsample
         self.blocks = nn.Sequential(*[ResidualBlock(4 * c, norm) for _ in range(self.config.num_res_blocks)])
         self.decoder = nn.Sequential(
-            ConvNormReLU(4 * c, 2 * c, 3, 2, transposed=True, norm=norm),
-            ConvNormReLU(2 * c, c, 3, 2, transposed=True, norm=norm),
+            ConvNormReLU(4 * c, 2 * c, 3, 2, upsample=up, norm=norm),
+            ConvNormReLU(2 * c, c, 3, 2, upsample=up, norm=norm),
         )
-        head_in = c + (bits if self.config.label_at_output else 0)
-        self.head = nn.Conv2d(head_in, 3, 3, padding=1, padding_mode="reflect")
+        head_in = c + (side_ch if self.config.label_at_output else 0)
+        # With a luminance part the head has a fourth channel: one plane added equally to R, G and B.
+        out_ch = 3 + (self.config.luma_weight > 0)
+        self.head = nn.Conv2d(head_in, out_ch, 3, padding=1, padding_mode="reflect")
+        if self.config.template_skip:
+            # Direct path: the template, mapped to the output channels at its own (coarse) resolution and resized,
+            # adds to the head's pre-tanh output. At initialisation G already paints a coarse class-wise pattern.
+            self.template_out = nn.Conv2d(side_ch, out_ch, 1)
         # float32 bound used for the output. eps is a Python double; if its float32 rounding lies above it, step one
         # ulp down so |delta| <= eps holds in float32 *and* when compared as a double (e.g. after .item()).
         bound = torch.tensor(self.config.eps, dtype=torch.float32)
@@ -234,17 +311,34 @@ class SegueGenerator(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
 
         h = self.encoder(x)
-        side = broadcast_code(code, h)
-        h = F.relu(self.fuse(torch.cat([h, side], dim=1)))
+        side = self.side_information(code)
+        h = F.relu(self.fuse(torch.cat([h, side_map(side, h)], dim=1)))
         h = self.blocks(h)
         h = self.decoder(h)
         if self.config.label_at_output:
-            h = torch.cat([h, broadcast_code(code, h)], dim=1)
+            h = torch.cat([h, side_map(side, h)], dim=1)
+        out = self.head(h).float()
+        if self.config.template_skip:
+            out = out + self.config.template_skip * side_map(self.template_out(side.float()), out)
         # tanh in float32 (even under bf16 autocast) so the bound is exact and the output dtype is the image dtype.
-        delta = torch.tanh(self.head(h).float()) * self._bound
+        delta = self.bounded(out)
         # tanh saturates to exactly +-1 in float32, so this clamp only guards against rounding in the product.
         delta = delta.clamp(-self._bound, self._bound)
         return delta[..., :height, :width]
+
+    def side_information(self, code: torch.Tensor) -> torch.Tensor:
+        """(B, bits) code -> what is fused: the code itself, or its (B, template_channels, s, s) template."""
+        if self.config.side_info == "constant":
+            return code
+        size = self.config.template_size
+        return self.template(code).view(code.shape[0], -1, size, size)
+
+    def bounded(self, out: torch.Tensor) -> torch.Tensor:
+        """Head output (B, 3 or 4, H, W) -> delta with |delta| <= eps: tanh per channel, luminance plane mixed in."""
+        w = self.config.luma_weight
+        if w == 0:
+            return torch.tanh(out) * self._bound
+        return (w * torch.tanh(out[:, :1]) + (1 - w) * torch.tanh(out[:, 1:])) * self._bound
 
     def perturb(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The protected image ``clamp(x + G(x, y), 0, 1)``."""

@@ -1,0 +1,322 @@
+"""Protection ablation: which perturbation stays unlearnable after the attacker's pipeline.
+
+One variant = one way of making the protected training set (a Segue generator trained with `segue train` under
+some overrides, or a fixed pattern family used as a probe). Each variant's protected set is attacked by every row
+of the attacker catalogue (JPEG-10, grayscale, ISS, half resolution, Cutout, adversarial training ρ_a = 2/255, ...):
+a ResNet-18 victim is trained on the (attacked) protected set and tested on clean faces. The clean set and LSP are
+measured under the same rows.
+
+    python bench/protection.py run --name clean --method clean
+    python bench/protection.py run --name lsp --method lsp
+    python bench/protection.py run --name template --method segue --train-set generator.arch=template ...
+    python bench/protection.py summary --default template
+
+Results: one JSON per variant under --out (default bench/results/protection/), and summary.json
+(``{"default", "chance", "rows": {variant: {attack: acc}}}``), rewritten after every run. Everything runs in memory
+on the shard set given by --shards (default shards/glint24_32, built with
+``segue shards build --src $SEGUE_FACES/glint24 --out shards/glint24_32 --test-per-identity 10 --size 32``).
+Use ``OMP_NUM_THREADS=1`` per job and at most two jobs at once on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from segue_dist.attacks import AttackerConfig  # noqa: E402
+from segue_dist.attacks import transform_images as attacker_transform  # noqa: E402
+from segue_dist.baselines import make_baseline_perturbations  # noqa: E402
+from segue_dist.evaluate import MemoryFeed, PreparedData, TestFeed, VictimConfig, load_image_set, train_victim  # noqa: E402
+from segue_dist.metrics.image_quality import psnr, ssim  # noqa: E402
+from segue_dist.utils.dist import best_device  # noqa: E402
+from segue_dist.utils.io import atomic_write_json  # noqa: E402
+
+ATTACKS: dict[str, dict[str, Any]] = {
+    "none": {"name": "none"},
+    "jpeg10": {"name": "jpeg10", "jpeg_quality": 10},
+    "grayscale": {"name": "grayscale", "grayscale": True},
+    "iss": {"name": "iss", "iss": True},
+    "half_res": {"name": "half_res", "scale": 0.5},
+    "cutout": {"name": "cutout", "augment": "cutout"},
+    "adv2": {"name": "adv2", "adv_rho": 2 / 255},
+}
+# Every attack row trains the standard-stem ResNet-18 (stride-2 conv + max-pool: 2-3 CPU minutes at 32 px); the
+# no-attack row once more with the CIFAR-style small stem (the harness default at <= 112 px), which costs ~10x more.
+SMALL_STEM_ROW = "none_small_stem"
+DEFAULT_ROWS = [*ATTACKS, SMALL_STEM_ROW]
+
+
+def load_split(shards: Path, split: str) -> Any:
+    return load_image_set(shards / split, workers=1)
+
+
+# ------------------------------------------------------------------------------------------- protected sets
+
+
+def protect_clean(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, args: argparse.Namespace
+) -> torch.Tensor:
+    return images
+
+
+def protect_lsp(images: torch.Tensor, labels: torch.Tensor, num_classes: int, args: argparse.Namespace) -> torch.Tensor:
+    x = images.float() / 255
+    delta = make_baseline_perturbations("lsp", x, labels, num_classes, eps=args.eps, seed=args.seed)
+    return quantise(images, delta, args.eps)
+
+
+def quantise(images: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """uint8 protected images whose difference to the originals is at most round(255 eps) levels."""
+    levels = round(255 * eps)
+    out = (images.float() + delta * 255).round()
+    out = torch.minimum(torch.maximum(out, images.float() - levels), images.float() + levels)
+    return out.clamp(0, 255).to(torch.uint8)
+
+
+def protect_segue(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, args: argparse.Namespace
+) -> torch.Tensor:
+    """Train G with the real `segue train` (one process, in this interpreter), then protect the set with it."""
+    from segue_dist.checkpoint import load_generator
+    from segue_dist.config import load_config
+    from segue_dist.train import TrainConfig, train
+
+    out = Path(args.work) / args.name
+    overrides = [
+        f"out={out}",
+        f"data.train={args.shards / 'train'}",
+        f"data.image_size=[{images.shape[-1]}]",
+        "data.num_workers=0",
+        "tensorboard=false",
+        *args.train_set,
+    ]
+    cfg = load_config(TrainConfig, args.train_config, overrides)
+    gen_path = out / "generator.safetensors"
+    if not gen_path.exists():  # a rerun (--keep) reuses the trained generator and keeps the recorded train time
+        t0 = time.perf_counter()
+        train(cfg)
+        args.extra["train_seconds"] = round(time.perf_counter() - t0, 1)
+    args.extra["train_history"] = json.loads((out / "train_summary.json").read_text())["history"]
+    generator, meta = load_generator(gen_path)
+    generator.eval()
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(images), 256):
+            x = images[start : start + 256].float() / 255
+            chunks.append(quantise(images[start : start + 256], generator(x, labels[start : start + 256]), args.eps))
+    protected = torch.cat(chunks)
+    d = protected.float() - images.float()
+    args.extra["saturated_fraction"] = float((d.abs() >= round(255 * args.eps)).float().mean())
+    return protected
+
+
+def class_gratings(labels: torch.Tensor, num_classes: int, size: int) -> torch.Tensor:
+    """Probe: one luminance square-wave grating per class (orientation x frequency), +-1, shape (N, 1, size, size).
+
+    Orientations 0/30/60/90 degrees (a horizontal flip maps 30 to 150, which no other class uses), frequencies
+    2..8 cycles per image side: low enough to survive JPEG-10 and half resolution, fine enough to be a texture.
+    """
+    freqs = [2, 3, 4, 5, 6, 8, 10, 12]
+    angles = [0.0, 30.0, 60.0, 90.0]
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    pats = []
+    for k in range(num_classes):
+        f, a = freqs[(k // len(angles)) % len(freqs)], math.radians(angles[k % len(angles)])
+        phase = 2 * math.pi * f * (xx * math.cos(a) + yy * math.sin(a)) / size
+        pats.append(torch.sign(torch.cos(phase) + 1e-6))
+    return torch.stack(pats)[labels].unsqueeze(1)
+
+
+def class_blocks(
+    labels: torch.Tensor, num_classes: int, size: int, grid: int = 4, seed: int = 0, channels: int = 1
+) -> torch.Tensor:
+    """Probe: one random +-1 block code per class on a grid x grid lattice (1 = luminance, 3 = colour), sharp."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2, (num_classes, channels, grid, grid), generator=g).float() * 2 - 1
+    return torch.nn.functional.interpolate(codes, size=(size, size), mode="nearest")[labels]
+
+
+def protect_pattern(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, args: argparse.Namespace
+) -> torch.Tensor:
+    size = images.shape[-1]
+    if args.method == "grating":
+        pattern = class_gratings(labels, num_classes, size)
+    else:
+        channels = 3 if args.method == "colour_blocks" else 1
+        pattern = class_blocks(labels, num_classes, size, grid=args.grid, seed=args.seed, channels=channels)
+    return quantise(images, pattern.expand(-1, 3, -1, -1) * args.eps, args.eps)
+
+
+METHODS = {
+    "clean": protect_clean,
+    "lsp": protect_lsp,
+    "segue": protect_segue,
+    "grating": protect_pattern,
+    "blocks": protect_pattern,
+    "colour_blocks": protect_pattern,
+}
+
+
+# ---------------------------------------------------------------------------------------------------- victims
+
+
+def victim_row(
+    protected: torch.Tensor, labels: torch.Tensor, num_classes: int, row: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    attack = AttackerConfig(**ATTACKS["none" if row == SMALL_STEM_ROW else row])
+    small_stem = row == SMALL_STEM_ROW
+    cfg = VictimConfig(epochs=args.victim_epochs, batch_size=64, seed=args.seed, small_stem=small_stem, workers=1)
+    train_images = attacker_transform(protected, attack, train=True)
+    device = best_device()  # the GPU when there is one; every row runs on CPU too
+    feed = MemoryFeed(train_images, labels, cfg.batch_size, cfg.seed, device)
+    test = TestFeed(str(args.shards / "test"), cfg, attack, in_memory=True)
+    data = PreparedData(feed, test, num_classes, {})
+    result = train_victim("resnet18", data, cfg, attack, device)
+    return {
+        "acc": result["final_acc"],
+        "x_chance": round(result["x_chance"], 2),
+        "train_acc": result["epochs"][-1]["train_acc"],
+        "small_stem": small_stem,
+        "seconds": result["train_seconds"],
+    }
+
+
+def image_quality(clean: torch.Tensor, protected: torch.Tensor) -> dict[str, float]:
+    x, y = clean.float() / 255, protected.float() / 255
+    return {
+        "psnr_db": round(float(psnr(y, x).clamp(max=100).mean()), 2),
+        "ssim": round(float(ssim(y, x).mean()), 4),
+        "linf_levels": int((protected.int() - clean.int()).abs().max()),
+    }
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    train_set = load_split(args.shards, "train")
+    k = train_set.num_classes
+    args.extra = {}
+    t0 = time.perf_counter()
+    protected = METHODS[args.method](train_set.images, train_set.labels, k, args)
+    make_seconds = time.perf_counter() - t0
+    path = Path(args.out) / f"{args.name}.json"
+    record: dict[str, Any] = json.loads(path.read_text()) if path.exists() and args.keep else {}
+    rows = dict(record.get("rows", {}))
+    record.update(
+        {
+            "variant": args.name,
+            "method": args.method,
+            "hypothesis": args.hypothesis or record.get("hypothesis", ""),
+            "train_set": args.train_set,
+            "shards": str(args.shards),
+            "image_size": int(train_set.images.shape[-1]),
+            "num_classes": k,
+            "chance": round(100 / k, 2),
+            "victim": {
+                "arch": "resnet18",
+                "stem": f"standard ({SMALL_STEM_ROW}: small)",
+                "epochs": args.victim_epochs,
+                "optimizer": "adam 1e-3",
+                "flip_crop": True,
+            },
+            "quality": image_quality(train_set.images, protected),
+            "make_seconds": round(make_seconds, 1),
+            **args.extra,
+            "env": {
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "threads": torch.get_num_threads(),
+            },
+        }
+    )
+    for row in args.rows.split(","):
+        if row in rows and args.keep:
+            continue
+        t1 = time.perf_counter()
+        rows[row] = victim_row(protected, train_set.labels, k, row, args)
+        print(f"{args.name:>20} {row:>14}: {rows[row]['acc']:5.1f}%  ({time.perf_counter() - t1:.0f} s)", flush=True)
+        record["rows"] = rows
+        atomic_write_json(path, record)
+    write_summary(Path(args.out), args.default)
+
+
+def write_summary(out: Path, default: str) -> None:
+    rows: dict[str, dict[str, float]] = {}
+    chance = math.nan
+    for path in sorted(out.glob("*.json")):
+        if path.name == "summary.json":
+            continue
+        record = json.loads(path.read_text())
+        chance = record.get("chance", chance)
+        rows[record["variant"]] = {name: row["acc"] for name, row in record.get("rows", {}).items()}
+    summary_path = out / "summary.json"
+    old = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    atomic_write_json(summary_path, {"default": default or old.get("default", ""), "chance": chance, "rows": rows})
+
+
+def markdown_table(out: Path) -> str:
+    """summary.json as the README's Markdown table: one line per variant, one column per attack row."""
+    summary = json.loads((out / "summary.json").read_text())
+    columns = [*ATTACKS, SMALL_STEM_ROW]
+    lines = [
+        "| variant | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    order = ["clean", "lsp", summary["default"]]
+    names = order + sorted(n for n in summary["rows"] if n not in order)
+    for name in names:
+        row = summary["rows"].get(name, {})
+        label = f"**{name}** (default)" if name == summary["default"] else name
+        cells = [f"{row[c]:.1f}" if c in row else "–" for c in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="make one variant's protected set and attack it with every row")
+    r.add_argument("--name", required=True)
+    r.add_argument("--method", choices=sorted(METHODS), required=True)
+    r.add_argument("--hypothesis", default="")
+    r.add_argument("--shards", type=Path, default=REPO / "shards/glint24_32")
+    r.add_argument("--rows", default=",".join(DEFAULT_ROWS))
+    r.add_argument("--victim-epochs", type=int, default=8)
+    r.add_argument("--eps", type=float, default=8 / 255)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--grid", type=int, default=4, help="blocks probe: cells per side")
+    r.add_argument("--train-config", default=str(REPO / "configs/train/default.yaml"))
+    r.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--work", default=str(REPO / "runs/protection"))
+    r.add_argument("--out", default=str(REPO / "bench/results/protection"))
+    r.add_argument("--keep", action="store_true", help="keep rows already in the variant's JSON")
+    r.add_argument("--default", default="")
+    s = sub.add_parser("summary", help="rewrite summary.json from the variant JSONs")
+    s.add_argument("--out", default=str(REPO / "bench/results/protection"))
+    s.add_argument("--default", default="")
+    t = sub.add_parser("table", help="print summary.json as a Markdown table")
+    t.add_argument("--out", default=str(REPO / "bench/results/protection"))
+    args = p.parse_args()
+    os.makedirs(getattr(args, "out", "."), exist_ok=True)
+    if args.cmd == "summary":
+        write_summary(Path(args.out), args.default)
+    elif args.cmd == "table":
+        print(markdown_table(Path(args.out)))
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
