@@ -1,6 +1,6 @@
 """Segue protects: the real `segue train` -> `segue protect` -> `segue evaluate` path on real faces at 32 px.
 
-The default recipe (configs/train/default.yaml) with two training processes, then a ResNet-18 victim trained on the
+The default recipe (configs/train/default.yaml), then a ResNet-18 victim trained on the
 protected glint24 faces and tested on clean ones, beside the same victim trained on the clean faces. This is the
 test that fails if the generator stops protecting (a sign error in a step, a side-information path that no longer
 reaches the output, a distortion that washes the pattern out).
@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -30,15 +29,16 @@ def run(*cmd: str, timeout: int = 600) -> None:
 @pytest.mark.realdata
 def test_victim_trained_on_protected_glint24_fails_on_clean_faces(glint_shards: Path, tmp_path: Path) -> None:
     gen = tmp_path / "generator"
-    # Two gloo processes of 32 = the recipe's batch of 64.
+    # One process, batch 64, no loader worker, one thread: bit for bit the run of bench/protection.py's default row
+    # (7.9% against 55.4%). Two DDP processes of 32 train the same recipe with per-rank BatchNorm statistics and
+    # measured 10.0-17.9%: DDP itself is tested in test_train.py.
     run(
-        str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "configs/accelerate/cpu_2proc.yaml"),
-        "--num_processes", "2", "-m", "segue_dist.train", "--config", str(REPO / "configs/train/default.yaml"),
-        f"out={gen}", f"data.train={glint_shards / 'train'}", "data.image_size=[32]", "data.batch_size=32",
-        "data.num_workers=1", "tensorboard=false",
+        sys.executable, "-m", "segue_dist.cli", "train", "--config", str(REPO / "configs/train/default.yaml"),
+        f"out={gen}", f"data.train={glint_shards / 'train'}", "data.image_size=[32]", "data.num_workers=0",
+        "tensorboard=false",
     )  # fmt: skip
     summary = json.loads((gen / "train_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["ranks_in_sync"]
+    assert summary["world_size"] == 1 and summary["history"][-1]["f_ce_on_unlearnable"] < 1.0
     protected = tmp_path / "protected" / "train"
     run(sys.executable, "-m", "segue_dist.cli", "protect", "--generator", str(gen / "generator.safetensors"),
         "--in", str(glint_shards / "train"), "--out", str(protected))  # fmt: skip
