@@ -19,6 +19,10 @@ from segue_dist.shards import ShardsConfig, build_shards
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+# Pseudo-label quality bounds, from measured runs with a margin (see the tests); the old 0.08 / 0.11 accuracy bounds
+# were within 1-3 points of what random labels reach, so a K-means that did not cluster could pass them.
+LFW62_MIN_ACCURACY, LFW62_MIN_NMI = 0.12, 0.27
+GLINT24_MIN_ACCURACY, GLINT24_MIN_NMI = 0.14, 0.12
 
 
 def build(src: Path, out: Path, **kw) -> Path:
@@ -56,19 +60,21 @@ def test_lfw62_every_sample_labelled_well_above_chance(faces_root: Path, extract
     summary = cluster(cluster_args(train, 62, extractor, tmp_path / "pseudo"))
     labels, k = read_sidecar(tmp_path / "pseudo" / "pseudo_labels.json")
     assert k == 62 and len(labels) == 3023 == summary["samples_labelled"]
-    # Chance for a Hungarian match of 62 near-uniform clusters is about 2-3%; a 32 px extractor trained for a few
-    # CPU epochs reaches ~15% (far from Segue's 80% condition, which needs a real face model, but well above chance).
-    assert summary["quality"]["accuracy"] > 0.08, summary["quality"]
-    assert summary["quality"]["nmi"] > 0.2, summary["quality"]
+    # Measured (this extractor, 2 CPU cores): accuracy 15.2%, NMI 0.331 (far from Segue's 80% condition, which needs
+    # a real face model). Labels unrelated to the features (a K-means that does not cluster) score up to 6.8% / 0.168
+    # here (Hungarian matching of 62 random clusters over 3,023 samples, max of 5 draws): the bounds sit ~20% below
+    # the measured values and well above that.
+    assert summary["quality"]["accuracy"] > LFW62_MIN_ACCURACY, summary["quality"]
+    assert summary["quality"]["nmi"] > LFW62_MIN_NMI, summary["quality"]
 
 
 def test_glint24_labels_resume_and_match_two_processes(glint: Path, extractor: Path, tmp_path: Path) -> None:
     out = tmp_path / "one"
     summary = cluster(cluster_args(glint, 24, extractor, out))
     assert summary["samples_labelled"] == 2259 == len(read_sidecar(out / "pseudo_labels.json")[0])
-    # Chance (Hungarian, 24 clusters) is ~6%; this CPU-scale extractor reaches ~18%.
-    assert summary["quality"]["accuracy"] > 0.11, summary["quality"]
-    assert summary["quality"]["nmi"] > 0.08, summary["quality"]
+    # Measured: accuracy 17.2%, NMI 0.163; random labels (24 clusters, 2,259 samples) score up to 8.5% / 0.042.
+    assert summary["quality"]["accuracy"] > GLINT24_MIN_ACCURACY, summary["quality"]
+    assert summary["quality"]["nmi"] > GLINT24_MIN_NMI, summary["quality"]
     reference = (out / "pseudo_labels.json").read_bytes()
 
     # An interrupted run: one shard's features never finished (no JSON marker). The rerun redoes just that one.
