@@ -35,3 +35,45 @@ def glint_shards(faces_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         show_progress=False,
     )
     return out
+
+
+# ------------------------------------------------------------------------------------ site tests (see site_testing.py)
+
+
+@pytest.fixture
+def off_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check Slurm sites as from a laptop, whatever machine runs the tests (its /scratch may not exist).
+
+    Nothing is patched in segue_dist: the real `site.on_cluster` runs and finds no sbatch on PATH.
+    """
+    from site_testing import sbatch_free_path
+
+    monkeypatch.setenv("PATH", sbatch_free_path())
+
+
+@pytest.fixture
+def on_login_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pretend to be on a Slurm login node: an ``sbatch`` on PATH (it is never run by `check`)."""
+    from site_testing import sbatch_free_path
+
+    bin_dir = tmp_path / "login_bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/bash\nexit 99\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{sbatch_free_path()}")
+
+
+@pytest.fixture
+def four_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workstation example's 4 GPUs, counted from CUDA_VISIBLE_DEVICES (no nvidia-smi needed)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+
+
+@pytest.fixture
+def checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh stand-in checkout (configs/ and launch/, no shards/ or runs/) as the current folder."""
+    from site_testing import make_checkout
+
+    root = make_checkout(tmp_path / "checkout")
+    monkeypatch.chdir(root)
+    return root
