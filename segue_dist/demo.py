@@ -1,6 +1,6 @@
 """`segue demo`: the whole path on the embedded synthetic corpus, as the README's main job.
 
-    corpus -> shards -> pseudo-labels (extractor on other identities, K-means, quality)
+    corpus -> shards -> [--unsupervised: pseudo-labels (extractor on other identities, K-means, quality)]
            -> train G (2 processes, or the GPUs present) -> protect -> evaluate (victims on clean vs protected,
               baselines, JPEG attacks, image quality) -> report
 
@@ -91,13 +91,13 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, float]:
         segue("shards", "build", "--src", str(out / "corpus"), "--out", str(shards),
               "--test-per-identity", str(args.test_per_identity), "--samples-per-shard", str(args.samples_per_shard),
               "--seed", str(args.seed), "--workers", "1")  # fmt: skip
+
+    def stage_pseudo_labels() -> None:
         # Other people (a different seed draws different looks) train the feature extractor: the paper's
         # CelebA-trained model, i.e. identities disjoint from the ones being protected.
         write_demo_corpus(out / "corpus_others", args.identities * 2, args.per_identity // 2, args.size, args.seed + 1)
         segue("shards", "build", "--src", str(out / "corpus_others"), "--out", str(out / "shards_others"),
               "--samples-per-shard", str(args.samples_per_shard), "--workers", "1")  # fmt: skip
-
-    def stage_pseudo_labels() -> None:
         if not done(out / "extractor" / "extractor.json"):
             segue("cluster", "fit-extractor", "--shards", str(out / "shards_others" / "train"),
                   "--out", str(out / "extractor"), "--size", str(args.size), "--epochs", str(args.extractor_epochs), "--workers", "1",
@@ -130,9 +130,11 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, float]:
     def stage_report() -> None:
         segue("report", "--results", str(out / "eval"), "--out", str(out / "report"))
 
+    # The supervised run trains on the true labels: it needs no extractor and no K-means.
+    pseudo_labels = [("pseudo-labels", stage_pseudo_labels)] if args.unsupervised else []
     for name, fn in (
         ("shards", stage_shards),
-        ("pseudo-labels", stage_pseudo_labels),
+        *pseudo_labels,
         ("train", stage_train),
         ("protect", stage_protect),
         ("evaluate", stage_evaluate),
