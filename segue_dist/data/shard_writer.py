@@ -21,6 +21,7 @@ import contextlib
 import io
 import re
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -119,8 +120,10 @@ class ShardFile:
             self._stack.__exit__(RuntimeError, RuntimeError("shard aborted"), None)
 
 
-def write_shard(tar_path: str | Path, samples: list[dict[str, Any]], stats: dict[str, Any], tar_format: int) -> None:
-    """Write a whole shard of ready samples and its stats in one go."""
+def write_shard(
+    tar_path: str | Path, samples: Iterable[dict[str, Any]], stats: dict[str, Any], tar_format: int
+) -> None:
+    """Write a whole shard (samples consumed one at a time) and then its stats."""
     shard = ShardFile(tar_path, tar_format)
     try:
         for sample in samples:
