@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from segue_dist.checkpoint import file_sha256, load_generator
+from segue_dist.data.assign import assign_shards
 from segue_dist.data.images import BadImage, decode_image
-from segue_dist.data.loader import ShardEnd, assign_shards, open_shard_set
+from segue_dist.data.loader import ShardEnd, open_shard_set
 from segue_dist.data.shard_writer import remove_shard_temps, shard_is_finished
 from segue_dist.protect.codecs import (
     EncodedImage,
