@@ -149,6 +149,9 @@ class Protector:
         self.protected_info["label_source"] = "cls" if opts.labels is None else "sidecar"
         self.delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
         self.timer = PhaseTimer()
+        # The batched JPEG codec (--gpu-codec: nvJPEG on this rank's GPU). GpuCodec runs on any torch device, so a
+        # caller may attach one on the CPU (torchvision's CPU codecs) to exercise this path without a GPU.
+        self.codec: GpuCodec | None = GpuCodec(self.device, self.spec) if opts.gpu_codec else None
 
     # -------------------------------------------------------------------------------------------------- set-up
 
@@ -189,7 +192,7 @@ class Protector:
         return RankSummary(self.rank, self.world, len(todo) + skipped, skipped, stats, seconds, timings)
 
     def _protect_shards(self, todo: list[str], perturber: Perturber) -> list[dict[str, Any]]:
-        codec = GpuCodec(self.device, self.spec) if self.opts.gpu_codec else None
+        codec = self.codec
         stream = ProtectStream(
             todo, label_map=self.labels.label_map, max_pixels=self.opts.max_pixels, gpu_jpeg=codec is not None
         )
