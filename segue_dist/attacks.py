@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from segue_dist.ops.blur import gaussian_blur
+from segue_dist.ops.pgd import pgd_delta
 from segue_dist.utils.seed import derive_seed
 
 Augment = Literal["none", "cutout", "mixup", "cutmix", "blur"]
@@ -326,23 +328,6 @@ def cutmix(
     return mixed, kept * targets + (1 - kept) * targets[perm]
 
 
-def gaussian_blur(x: Tensor, kernel_size: int = 5, sigma: float = 1.0) -> Tensor:
-    """Separable Gaussian blur with reflect padding (torchvision's convention); differentiable."""
-    _check_images(x, "gaussian_blur")
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"gaussian_blur: kernel_size must be odd and >= 1, got {kernel_size}")
-    half = kernel_size // 2
-    coords = torch.arange(kernel_size, dtype=torch.float32, device=x.device) - half
-    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
-    kernel = (kernel / kernel.sum()).to(x.dtype)
-    c = x.shape[1]
-    # Reflect padding needs the pad to be smaller than the side; tiny images fall back to replicate.
-    mode = "reflect" if min(x.shape[-2:]) > half else "replicate"
-    out = F.pad(x, (half, half, half, half), mode=mode)
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
 def train_batch_transform(
     x: Tensor, y: Tensor, num_classes: int, cfg: AttackerConfig, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
@@ -374,27 +359,18 @@ def pgd_linf(
     generator: torch.Generator | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
 ) -> Tensor:
-    """L∞ PGD with a uniform random start (Madry et al. 2018): the worst case in the ρ-ball, clipped to [0, 1].
+    """L∞ PGD with a uniform random start (Madry et al. 2018): ``x`` moved to the worst case in the ρ-ball,
+    clipped to [0, 1]; ``(B, 3, H, W)`` in, same shape out (detached).
 
-    ``y`` may be integer labels or soft targets. The model runs in eval mode during the attack so the attack's
-    forward passes do not move BatchNorm statistics; its previous mode is restored.
+    :func:`segue_dist.ops.pgd_delta` (always a random start, 5 steps of ``2.5 * rho / steps`` by default; a
+    ``step_size`` of 0 means that default). ``y`` may be integer labels or soft targets. The model runs in eval mode
+    during the attack so its forward passes do not move BatchNorm statistics; every module's mode is restored.
     """
     _check_images(x, "pgd_linf")
     if rho <= 0:
         return x.detach()
-    step = step_size if step_size else 2.5 * rho / steps
-    was_training = model.training
-    model.eval()
-    try:
-        delta = (_uniform(x.shape, generator).to(x.device, x.dtype) * 2 - 1) * rho
-        x_adv = (x.detach() + delta).clamp(0, 1)
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            loss = loss_fn(model(x_adv), y)
-            (grad,) = torch.autograd.grad(loss, x_adv)
-            with torch.no_grad():
-                x_adv = x_adv + step * grad.sign()
-                x_adv = (x + (x_adv - x).clamp(-rho, rho)).clamp(0, 1)
-    finally:
-        model.train(was_training)
-    return x_adv.detach()
+    delta = pgd_delta(
+        model, x, y, radius=rho, steps=steps, random_start=True, step_size=step_size or None, generator=generator,
+        loss_fn=loss_fn,
+    )  # fmt: skip
+    return (x.detach() + delta).clamp(0, 1)

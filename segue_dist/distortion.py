@@ -49,6 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segue_dist.ops.blur import gaussian_blur
+from segue_dist.ops.pgd import pgd_delta
+from segue_dist.ops.pgd import uniform as _uniform
+
 __all__ = [
     "DistortionConfig",
     "DistortionLayer",
@@ -169,16 +173,6 @@ class DistortionConfig:
 # --------------------------------------------------------------------------------------------------------------
 # Differentiable image operations. All take and return (B, C, H, W) float images in [0, 1].
 # --------------------------------------------------------------------------------------------------------------
-
-
-def gaussian_blur(x: torch.Tensor, kernel_size: int = 3, sigma: float = 0.2) -> torch.Tensor:
-    """Depthwise Gaussian blur with reflect padding (torchvision ``gaussian_blur`` semantics, differentiable)."""
-    half = kernel_size // 2
-    coords = torch.arange(kernel_size, device=x.device, dtype=torch.float32) - half
-    g = torch.exp(-(coords**2) / (2.0 * sigma**2))
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :]).to(x.dtype).expand(x.shape[1], 1, kernel_size, kernel_size)
-    return F.conv2d(F.pad(x, (half, half, half, half), mode="reflect"), kernel, groups=x.shape[1])
 
 
 def adjust_sharpness(x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -389,21 +383,6 @@ def jpeg_compress_differentiable(
 # --- PGD -------------------------------------------------------------------------------------------------------
 
 
-def _uniform(shape: Sequence[int], generator: torch.Generator | None) -> torch.Tensor:
-    """U[0, 1) on the generator's device (default CPU generator when None), returned on the CPU."""
-    if generator is None:
-        return torch.rand(*shape)
-    return torch.rand(*shape, generator=generator, device=generator.device).cpu()
-
-
-def _float32_at_most(value: float) -> float:
-    """Largest float32 <= ``value``: a bound that holds both in float32 and compared as a Python double."""
-    bound = torch.tensor(value, dtype=torch.float32)
-    if float(bound) > value:
-        bound = torch.nextafter(bound, torch.tensor(-math.inf))
-    return float(bound)
-
-
 def pgd_perturbation(
     model: nn.Module,
     x: torch.Tensor,
@@ -413,42 +392,14 @@ def pgd_perturbation(
     step_size: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """L-inf PGD that *increases* ``CE(model(x + adv), labels)``; returns ``adv`` (detached), ``|adv| <= radius``.
+    """The distortion layer's PGD: ``adv`` (detached, ``|adv| <= radius``) that increases ``CE(model(x + adv))``.
 
-    One step is FGSM (``radius * sign(grad)``); more steps start at a uniform random point and use step size
-    ``2.5 * radius / steps`` (Madry et al.). ``x + adv`` stays in [0, 1]. The attack runs on a detached copy of
-    ``x`` with ``torch.autograd.grad`` w.r.t. the input only, so it neither touches ``.grad`` of f's parameters nor
-    joins the caller's graph. f runs in eval mode for the attack (BatchNorm uses its running statistics and is not
-    updated by adversarial inputs; dropout/stochastic depth are off) and every submodule's own training flag is
-    restored afterwards. Pass the plain module, not a DistributedDataParallel wrapper.
+    :func:`segue_dist.ops.pgd_delta` with the paper's setting: one step is FGSM from 0; more steps start at a
+    uniform random point (Madry et al.). See there for modes, gradients and bounds.
     """
-    if radius <= 0 or steps < 1:
-        return torch.zeros_like(x)
-    radius = _float32_at_most(radius)
-    step = step_size if step_size is not None else 2.5 * radius / steps
-    x0 = x.detach()
-    labels = labels.to(x.device)
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        if steps > 1:
-            noise = _uniform(x0.shape, generator).to(device=x0.device, dtype=x0.dtype)
-            adv = ((x0 + (2.0 * noise - 1.0) * radius).clamp(0.0, 1.0) - x0).clamp(-radius, radius)
-        else:
-            adv = torch.zeros_like(x0)
-        for _ in range(steps):
-            adv.requires_grad_(True)
-            with torch.enable_grad():
-                logits = model(x0 + adv)
-                loss = F.cross_entropy(logits.float(), labels)
-                (grad,) = torch.autograd.grad(loss, adv)
-            adv = (adv.detach() + step * grad.sign()).clamp(-radius, radius)
-            # Keep x + adv a valid image; the second clamp keeps |adv| <= radius despite float rounding.
-            adv = ((x0 + adv).clamp(0.0, 1.0) - x0).clamp(-radius, radius)
-    finally:
-        for module, training in flags:
-            module.training = training
-    return adv.detach()
+    return pgd_delta(
+        model, x, labels, radius=radius, steps=steps, random_start=steps > 1, step_size=step_size, generator=generator
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------

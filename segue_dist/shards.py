@@ -1,7 +1,9 @@
 """`segue shards build`: turn face identity folders (or existing tars) into WebDataset shards.
 
 The build is planned first (which file goes to which split, shard and key) from a deterministic listing, then
-shards are written independently, each under a temporary name and renamed, with its `_stats.json` written last.
+shards are written independently through the project's one shard writer (:mod:`segue_dist.data.shard_writer`:
+a temporary name renamed into place, the shard's stats written last). Inputs are listed and read by
+:mod:`segue_dist.data.sources`.
 A rerun re-plans identically, skips shards whose tar and stats both exist and redoes the rest, so an interrupted
 build finishes into exactly the shards an uninterrupted one would have made.
 """
@@ -15,9 +17,6 @@ import io
 import json
 import os
 import random
-import re
-import tarfile
-import unicodedata
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -30,7 +29,6 @@ from PIL import Image
 
 from segue_dist.config import ConfigError, add_overrides_argument, load_config, save_resolved
 from segue_dist.data.images import (
-    IMAGE_EXTENSIONS,
     BadImage,
     decode_image,
     encode_jpeg,
@@ -38,18 +36,20 @@ from segue_dist.data.images import (
     resize_center_crop,
     sniff_format,
 )
-from segue_dist.utils.io import atomic_open, atomic_write_json, read_json, remove_stale_temps
+from segue_dist.data.shard_writer import SHARD_FILE, USTAR, ShardFile, stats_path
+from segue_dist.data.shard_writer import shard_is_finished as shard_file_is_finished
+from segue_dist.data.sources import (
+    SPLITS,
+    TAR_SEP,
+    SourceItem,
+    inside,
+    list_inputs,
+    read_source_bytes,
+    same_path,
+)
+from segue_dist.utils.io import atomic_write_json, read_json, remove_stale_temps
 from segue_dist.utils.progress import make_progress, print_table
 from segue_dist.utils.seed import derive_seed
-
-SPLITS = ("train", "test")
-# Folder names that fix a sample's split in an input tree (ImageFolder trees often call the held-out part "val").
-SPLIT_ALIASES = {"train": "train", "test": "test", "val": "test", "valid": "test", "validation": "test"}
-TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# Separates a tar's path from its member name in a sample's source (a file path may contain "::", a tar name won't).
-TAR_SEP = "::"
-# Fixed tar member mtime: identical inputs must give byte-identical shards, whenever they are built.
-TAR_MTIME = 0.0
 
 
 @dataclass
@@ -103,20 +103,6 @@ class ShardsConfig:
         return (self.size[0], self.size[0]) if len(self.size) == 1 else (self.size[0], self.size[1])
 
 
-@dataclass(frozen=True)
-class SourceItem:
-    """One input image: where its bytes are and whose face it is."""
-
-    identity: str
-    source: str  # a file path, or "<tar path>::<member name>" (shown in stats)
-    split: str | None = None  # set when the input layout already fixes the split
-    # For tar members: the tar's path and where the member's bytes are in it (offset -1: compressed tar, extract).
-    archive: str | None = None
-    member: str | None = None
-    offset: int = -1
-    size: int = -1
-
-
 @dataclass
 class PlannedSample:
     key: str
@@ -127,206 +113,6 @@ class PlannedSample:
     member: str | None = None
     offset: int = -1
     size: int = -1
-
-
-# --------------------------------------------------------------------------------------------------- listing inputs
-
-
-def _nfc(name: str) -> str:
-    # macOS writes decomposed unicode names; normalise so "José" is one identity whatever the filesystem.
-    return unicodedata.normalize("NFC", name)
-
-
-def _image_files(folder: Path) -> list[Path]:
-    # Hidden files are skipped: macOS `._x.jpg` AppleDouble files carry no pixels, only Finder metadata.
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
-
-
-def _visible_dirs(folder: Path, exclude: Path | None = None) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and not _same_path(p, exclude)
-    )
-
-
-def _same_path(path: Path, other: Path | None) -> bool:
-    if other is None:
-        return False
-    try:
-        return path.resolve() == other.resolve()
-    except OSError:
-        return False
-
-
-def _inside(path: Path, folder: Path | None) -> bool:
-    if folder is None:
-        return False
-    try:
-        path.resolve().relative_to(folder.resolve())
-    except ValueError:
-        return False
-    return True
-
-
-def list_identity_folders(src: Path, split: str | None = None, exclude: Path | None = None) -> list[SourceItem]:
-    items = []
-    for ident_dir in _visible_dirs(src, exclude):
-        for path in _image_files(ident_dir):
-            items.append(SourceItem(_nfc(ident_dir.name), str(path), split))
-    return items
-
-
-def _find_tars(src: Path, exclude: Path | None = None) -> list[Path]:
-    """Tars under ``src``, skipping hidden folders and the build's own output folder."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(src):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not _same_path(here / d, exclude))
-        found.extend(here / f for f in filenames if f.lower().endswith(".tar") and not f.startswith("."))
-    return sorted(found)
-
-
-def _split_of(parts: tuple[str, ...]) -> str | None:
-    """The split named by a folder on the path (``train``, ``test``, or ``val``/``valid``/``validation`` = test)."""
-    for part in parts:
-        split = SPLIT_ALIASES.get(part.lower())
-        if split is not None:
-            return split
-    return None
-
-
-def list_tar_inputs(
-    src: Path, identity_field: str, exclude: Path | None = None, notes: list[str] | None = None
-) -> list[SourceItem]:
-    """img2dataset-style tars: identity from the JSON field, else `.cls`, else the `.txt` caption.
-
-    A tar that cannot be read to its end contributes the samples listed before the fault, and the fault goes to
-    ``notes`` (a later read of a damaged member is skipped with its reason like any other bad image).
-    """
-    tars = [src] if src.is_file() else _find_tars(src, exclude)
-    items = []
-    for tar_path in tars:
-        groups: dict[str, dict[str, Any]] = defaultdict(dict)
-        # Members of a plain tar are read later by offset (open, seek, read), not by name: finding a member by name
-        # means reading every header before it, which made a 10k-sample input tar cost O(n^2).
-        plain = _is_plain_tar(tar_path)
-        try:
-            with tarfile.open(tar_path, "r:" if plain else "r:*") as tf:
-                for member in tf:
-                    if not member.isfile():
-                        continue
-                    stem, ext = _split_key(member.name)
-                    if stem is None:
-                        continue
-                    if ext in TAR_IMAGE_EXTS:
-                        seekable = plain and not member.issparse()
-                        where = (member.offset_data, member.size) if seekable else (-1, -1)
-                        groups[stem].setdefault("image", (member.name, *where))
-                    elif ext in ("cls", "json", "txt"):
-                        raw = tf.extractfile(member)
-                        groups[stem][ext] = raw.read().decode("utf-8", "replace") if raw else ""
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            if notes is not None:
-                notes.append(f"input tar {tar_path} unreadable after {len(groups)} samples: {exc}")
-        rel_parts = () if src.is_file() else tar_path.relative_to(src).parts[:-1]
-        split = _split_of(rel_parts)
-        no_image, no_identity = 0, 0
-        for stem in sorted(groups):
-            group = groups[stem]
-            if "image" not in group:
-                no_image += 1
-                continue
-            identity = _identity_from_tar_sample(group, identity_field)
-            if identity is None:
-                no_identity += 1
-                continue
-            name, offset, size = group["image"]
-            items.append(
-                SourceItem(_nfc(identity), f"{tar_path}{TAR_SEP}{name}", split, str(tar_path), name, offset, size)
-            )
-        if notes is not None and (no_image or no_identity):
-            notes.append(
-                f"input tar {tar_path}: {no_image} samples without an image and {no_identity} without an identity "
-                f"(json field '{identity_field}', .cls or .txt) were not listed"
-            )
-    return items
-
-
-def _is_plain_tar(path: Path) -> bool:
-    """True for an uncompressed tar (gzip/bzip2/xz/zstd tars are read through tarfile instead)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(6)
-    except OSError:
-        return False
-    return not head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd"))
-
-
-def _split_key(name: str) -> tuple[str | None, str]:
-    # WebDataset convention: the key is everything up to the first dot of the basename, the extension all after it
-    # (so `x.seg.png` is the `seg.png` field of sample `x`, not a second image of it).
-    directory, base = os.path.split(name)
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem:
-        return None, ""
-    return os.path.join(directory, stem), ext.lower()
-
-
-def _identity_from_tar_sample(group: dict[str, Any], identity_field: str) -> str | None:
-    if "json" in group:
-        try:
-            meta = json.loads(group["json"])
-            if isinstance(meta, dict) and meta.get(identity_field) not in (None, ""):
-                return str(meta[identity_field]).strip() or None
-        except json.JSONDecodeError:
-            pass
-    if "cls" in group and group["cls"].strip():
-        return group["cls"].strip()
-    if "txt" in group and group["txt"].strip():
-        return group["txt"].strip()
-    return None
-
-
-def _has_images(folder: Path, exclude: Path | None = None) -> bool:
-    return any(_image_files(d) for d in _visible_dirs(folder, exclude))
-
-
-def list_inputs(
-    src: Path, identity_field: str = "identity", exclude: Path | None = None, notes: list[str] | None = None
-) -> list[SourceItem]:
-    """Detect the input layout: tars, an ImageFolder tree with train/ and test/, or identity folders.
-
-    ``exclude`` (the build's output folder) is never read as input, so `--out` may sit inside `--src`.
-    Identity folders win over tars when both are present (a stray archive in a photo folder is not a dataset).
-    """
-    src = Path(src)
-    if not src.exists():
-        raise FileNotFoundError(f"source not found: {src}")
-    if src.is_file():
-        if not tarfile.is_tarfile(src):
-            raise ValueError(f"--src {src} is a file but not a tar archive")
-        return list_tar_inputs(src, identity_field, notes=notes)
-    if not src.is_dir():
-        raise ValueError(f"--src {src} is neither a folder nor a tar archive")
-    subdirs = _visible_dirs(src, exclude)
-    split_dirs = {d.name: d for d in subdirs if d.name.lower() in SPLIT_ALIASES}
-    if subdirs and len(split_dirs) == len(subdirs) and any(SPLIT_ALIASES[n.lower()] == "train" for n in split_dirs):
-        named = sorted(SPLIT_ALIASES[n.lower()] for n in split_dirs)
-        if len(named) != len(set(named)):
-            raise ValueError(f"{src}: several folders map to one split ({', '.join(sorted(split_dirs))})")
-        if any(_has_images(d, exclude) for d in split_dirs.values()):
-            items = []
-            for name in sorted(split_dirs, key=lambda n: SPLITS.index(SPLIT_ALIASES[n.lower()])):
-                items.extend(list_identity_folders(split_dirs[name], SPLIT_ALIASES[name.lower()], exclude))
-            return items
-    if _has_images(src, exclude):
-        return list_identity_folders(src, None, exclude)
-    if _find_tars(src, exclude):
-        return list_tar_inputs(src, identity_field, exclude, notes)
-    return []
 
 
 # --------------------------------------------------------------------------------------------------------- planning
@@ -382,34 +168,6 @@ def chunk(samples: list[PlannedSample], size: int) -> list[list[PlannedSample]]:
 # ---------------------------------------------------------------------------------------------------------- writing
 
 
-def read_source_bytes(
-    source: str, *, archive: str | None = None, member: str | None = None, offset: int = -1, size: int = -1
-) -> bytes:
-    """The stored bytes of one input: a file, or a tar member (by offset when known); faults are ``BadImage``."""
-    try:
-        if archive is None and TAR_SEP in source and not os.path.isfile(source):
-            archive, member = source.split(TAR_SEP, 1)
-        if archive is None:
-            with open(source, "rb") as fh:
-                return fh.read()
-        if offset >= 0:
-            with open(archive, "rb") as fh:
-                fh.seek(offset)
-                data = fh.read(size)
-            if len(data) != size:
-                raise BadImage(f"tar member truncated: {member} ({len(data)} of {size} bytes)")
-            return data
-        with tarfile.open(archive) as tf:
-            fh = tf.extractfile(member or "")
-            if fh is None:
-                raise BadImage(f"tar member is not a file: {member}")
-            return fh.read()
-    except BadImage:
-        raise
-    except (OSError, tarfile.TarError, EOFError, KeyError) as exc:
-        raise BadImage(f"cannot read input: {exc}") from None
-
-
 def prepare_image(data: bytes, target: tuple[int, int] | None, jpeg_quality: int) -> tuple[str, bytes, list[int], str]:
     """Validate one image; return (extension, bytes to store, original [w, h], note).
 
@@ -442,33 +200,14 @@ def prepare_image(data: bytes, target: tuple[int, int] | None, jpeg_quality: int
     return "png", encode_png(arr, compress_level=6), orig_size, "; ".join(notes)
 
 
-class ShardWriter:
-    """WebDataset tar writer (the member layout of ``webdataset.TarWriter``: ``<key>.<field>``, fields sorted, USTAR,
-    read-only mode, fixed owner and mtime), in plain ``tarfile``: importing webdataset imports torch, which the shard
-    builder does not need and which costs seconds per process."""
-
-    def __init__(self, fileobj: Any) -> None:
-        self.tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - closed by close()
-
-    def write(self, sample: dict[str, Any]) -> None:
-        key = sample["__key__"]
-        for field_name in sorted(k for k in sample if not k.startswith("_")):
-            data = sample[field_name]
-            info = tarfile.TarInfo(f"{key}.{field_name}")
-            info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
-            info.uname = info.gname = "bigdata"
-            self.tar.addfile(info, io.BytesIO(data))
-
-    def close(self) -> None:
-        self.tar.close()
-
-
-def write_shard(tar_path: Path, samples: list[PlannedSample], cfg: ShardsConfig, src_root: str) -> dict[str, Any]:
-    """Write one shard atomically and return its stats (the caller writes them last)."""
-    stats: dict[str, Any] = {"shard": tar_path.name, "planned": len(samples), "written": 0, "skipped": 0}
+def write_shard(
+    tar_path: Path, samples: list[PlannedSample], cfg: ShardsConfig, src_root: str, plan: str
+) -> dict[str, Any]:
+    """Write one shard and then its stats (which record ``plan``); returns the stats."""
+    stats: dict[str, Any] = {"shard": tar_path.name, "planned": len(samples), "written": 0, "plan": plan}
     skipped, converted = [], []
-    with atomic_open(tar_path, "wb") as fh:
-        sink = ShardWriter(fh)
+    shard = ShardFile(tar_path, USTAR)  # USTAR: the format shard builds have always had
+    try:
         for sample in samples:
             source = _relative(sample.source, src_root)
             try:
@@ -481,29 +220,31 @@ def write_shard(tar_path: Path, samples: list[PlannedSample], cfg: ShardsConfig,
                 continue
             if note:
                 converted.append({"key": sample.key, "source": source, "note": note})
-            meta = {"identity": sample.identity, "source": source, "orig_size": orig_size}
-            sink.write(
-                {
-                    "__key__": sample.key,
-                    ext: blob,
-                    "cls": str(sample.label).encode(),
-                    "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
-                }
+            shard.write(
+                _sample(sample, ext, blob, {"identity": sample.identity, "source": source, "orig_size": orig_size})
             )
             stats["written"] += 1
-        sink.close()
+    except BaseException:
+        shard.abort()
+        raise
     stats.update(skipped=len(skipped), converted=len(converted), skipped_samples=skipped, converted_samples=converted)
+    shard.finish(stats)
     return stats
+
+
+def _sample(sample: PlannedSample, ext: str, blob: bytes, meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "__key__": sample.key,
+        ext: blob,
+        "cls": str(sample.label).encode(),
+        "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+    }
 
 
 def _relative(source: str, root: str) -> str:
     path, sep, member = source.partition(TAR_SEP) if not os.path.isfile(source) else (source, "", "")
     rel = os.path.relpath(path, root) if os.path.isabs(path) == os.path.isabs(root) else path
     return rel + sep + member
-
-
-def stats_path(tar_path: Path) -> Path:
-    return tar_path.with_name(tar_path.name[: -len(".tar")] + "._stats.json")
 
 
 def plan_digest(samples: list[PlannedSample], cfg: ShardsConfig, src_root: str) -> str:
@@ -522,7 +263,7 @@ def plan_digest(samples: list[PlannedSample], cfg: ShardsConfig, src_root: str) 
 
 def shard_is_finished(tar_path: Path, plan: str | None = None) -> bool:
     """Tar and stats both on disk (the stats are written last), and, given ``plan``, made from that plan."""
-    if not (tar_path.is_file() and stats_path(tar_path).is_file()):
+    if not shard_file_is_finished(tar_path):
         return False
     if plan is None:
         return True
@@ -534,13 +275,7 @@ def shard_is_finished(tar_path: Path, plan: str | None = None) -> bool:
 
 def _build_one(job: tuple[str, list[PlannedSample], ShardsConfig, str, str]) -> dict[str, Any]:
     tar_path, samples, cfg, src_root, plan = job
-    stats = write_shard(Path(tar_path), samples, cfg, src_root)
-    stats["plan"] = plan
-    atomic_write_json(stats_path(Path(tar_path)), stats)
-    return stats
-
-
-SHARD_FILE = re.compile(r"^\d{5,}\.tar$|^\d{5,}\._stats\.json$")
+    return write_shard(Path(tar_path), samples, cfg, src_root, plan)
 
 
 def _remove_stale_shards(split_dir: Path, keep: set[str]) -> int:
@@ -556,7 +291,7 @@ def _remove_stale_shards(split_dir: Path, keep: set[str]) -> int:
 
 
 def _check_out_is_not_src(src: Path, out: Path) -> None:
-    if _same_path(src, out) or any(_inside(src, out / split) for split in SPLITS):
+    if same_path(src, out) or any(inside(src, out / split) for split in SPLITS):
         raise ValueError(f"--out {out} would overwrite the input {src}; choose another output folder")
 
 

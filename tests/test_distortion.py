@@ -335,3 +335,29 @@ def test_layer_under_autocast_returns_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto = no_pgd(x, generator=0)
     assert torch.equal(auto, no_pgd(x, generator=0))
+
+
+def test_distortion_and_attacker_share_one_blur_and_one_pgd():
+    from segue_dist import attacks, distortion, ops
+
+    assert distortion.gaussian_blur is attacks.gaussian_blur is ops.gaussian_blur
+    torch.manual_seed(0)
+    model = TinyNet()
+    x, y = torch.rand(4, 3, 24, 20), torch.randint(0, 5, (4,))
+    delta = ops.pgd_delta(
+        model, x, y, radius=RHO, steps=3, random_start=True, generator=torch.Generator().manual_seed(2)
+    )
+    assert float(delta.abs().max()) <= RHO and float(delta.abs().max()) > 0
+    # The attacker's PGD is x + the shared δ; the distortion layer's (3 steps: random start) is the δ itself.
+    adv = attacks.pgd_linf(model, x, y, rho=RHO, steps=3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(adv, (x + delta).clamp(0, 1))
+    same = distortion.pgd_perturbation(model, x, y, RHO, steps=3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(same, delta)
+
+
+def test_blur_of_an_image_smaller_than_the_kernel_falls_back_to_replicate_padding():
+    tiny = torch.rand(2, 3, 2, 2)
+    out = gaussian_blur(tiny, 5, 1.0)  # reflect padding of 2 needs sides > 2
+    assert out.shape == tiny.shape and float(out.min()) >= float(tiny.min()) - 1e-6
+    with pytest.raises(ValueError, match="odd"):
+        gaussian_blur(tiny, 4, 1.0)

@@ -174,6 +174,17 @@ def test_one_pass_more_workers_than_shards(tmp_path: Path) -> None:
     assert Counter(r.key for r in manual if isinstance(r, Record)) == Counter(all_keys(shard_set))
 
 
+def test_contiguous_split_concatenates_to_the_single_process_order() -> None:
+    from segue_dist.data.assign import contiguous_split
+
+    names = [f"{i:05d}.tar" for i in range(7)]
+    for world in (1, 2, 3, 4, 8):
+        parts = [contiguous_split(names, r, world) for r in range(world)]
+        assert [n for part in parts for n in part] == names  # rank order = the single-process order
+    assert contiguous_split(names, 1, 2) == names[4:]  # blocks of ceil(7 / 2) = 4
+    assert [len(contiguous_split(names, r, 3)) for r in range(3)] == [3, 3, 1]
+
+
 def test_assign_shards_partitions() -> None:
     shards = [f"{i}.tar" for i in range(5)]
     parts = [assign_shards(shards, r, 2) for r in range(2)]

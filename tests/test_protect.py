@@ -127,6 +127,16 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # ------------------------------------------------------------------------------------------------------ unit level
 
 
+def test_quantise_at_an_eps_off_the_255_grid() -> None:
+    """ε = 0.03 is 7.65 levels: rounding original + 255·δ for δ = ε gives +8 (past ε); the clamp keeps +7."""
+    original = torch.full((2, 4, 4, 3), 100, dtype=torch.uint8)
+    delta = torch.full((2, 4, 4, 3), 0.03)
+    levels = protect.eps_levels(0.03)
+    assert levels == 7
+    out = protect.quantise_protected(original, delta, levels)
+    assert int(out.int().sub(100).max()) == 7 and int(protect.quantise_protected(original, -delta, levels).min()) == 93
+
+
 def test_quantise_clamps_in_integers() -> None:
     original = torch.tensor([0, 3, 100, 100, 250, 255], dtype=torch.uint8)
     delta = torch.tensor([-0.5, 0.05, 8.49 / 255, 8.6 / 255, 8.6 / 255, 1.0])
@@ -368,9 +378,18 @@ def test_truncated_input_shards_fail_the_manifest_loudly(corpus: dict[str, Path]
     assert run_protect(corpus["generator"], split, out) == 1  # a rerun stays loud, it does not paper over it
 
 
+def test_gpu_codec_needs_cuda(corpus: dict[str, Path], tmp_path: Path) -> None:
+    opts = protect.ProtectOptions(
+        str(corpus["generator"]), str(corpus["train"]), str(tmp_path / "out"), device="cpu", gpu_codec=True
+    )
+    with pytest.raises(ValueError, match="--gpu-codec needs a CUDA device"):
+        protect.Protector(opts)
+
+
 def test_gpu_codec_path_logic_runs_on_cpu(tmp_path: Path) -> None:
     """The --gpu-codec path (undecoded JPEG bytes through the loader, batched decode, fallback to the careful CPU
-    decoder, encode + verify by torchvision) with torchvision's CPU codecs standing in for nvJPEG."""
+    decoder, encode + verify by torchvision) with a GpuCodec on the CPU device: torchvision's CPU codecs stand in
+    for nvJPEG. The options stay valid (no gpu_codec flag on a CPU run); the codec is attached, as the job would."""
     rgb = noise_image(32, 32, 0)
     jpeg = encode_jpeg(rgb, 95)
     meta = json.dumps({"identity": "x"}).encode()
@@ -390,7 +409,8 @@ def test_gpu_codec_path_logic_runs_on_cpu(tmp_path: Path) -> None:
         protector = protect.Protector(
             protect.ProtectOptions(str(generator), str(split), str(out), format=fmt, workers=1, progress=False)
         )
-        protector.opts.gpu_codec = True  # what --gpu-codec selects on CUDA; the codecs run on the CPU here
+        assert protector.codec is None  # a CPU run without --gpu-codec
+        protector.codec = protect.GpuCodec(protector.device, protector.spec)  # torchvision's codecs on the CPU
         summary = protector.run()
         assert protect.finalize_if_complete(protector.shard_set, out) is not None
         stats = summary.stats[0]

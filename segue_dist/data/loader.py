@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
+from segue_dist.data.assign import assign_shards
 from segue_dist.data.images import BadImage, decode_image, pil_to_uint8, resize_center_crop
 from segue_dist.utils.io import read_json
 from segue_dist.utils.seed import derive_seed
@@ -315,11 +316,6 @@ class ShardEnd:
 
     shard: str
     count: int
-
-
-def assign_shards(shards: tuple[str, ...] | list[str], rank: int, world_size: int) -> list[str]:
-    """Static assignment: shard i goes to rank i % world. No collectives needed, and reruns agree."""
-    return list(shards[rank::world_size])
 
 
 class OnePassStream(IterableDataset):

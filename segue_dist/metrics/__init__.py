@@ -18,6 +18,7 @@ from segue_dist.metrics.image_quality import (
     mae,
     ms_ssim,
     psnr,
+    psnr_from_mse,
     rmse,
     ssim,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "mae",
     "ms_ssim",
     "psnr",
+    "psnr_from_mse",
     "rmse",
     "ssim",
 ]

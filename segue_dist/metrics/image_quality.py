@@ -49,6 +49,7 @@ __all__ = [
     "mae",
     "ms_ssim",
     "psnr",
+    "psnr_from_mse",
     "rmse",
     "ssim",
 ]
@@ -140,6 +141,16 @@ def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
     mse = _per_image_mean((_hi_precision(x) - _hi_precision(y)) ** 2)
     # mse == 0 -> log10(inf) = +inf, which is the exact answer; no epsilon, so tiny errors are not distorted.
     return (10.0 * torch.log10(data_range**2 / mse)).to(x.dtype)
+
+
+def psnr_from_mse(mse: float, data_range: float = 1.0, cap: float = PSNR_CAP_DB) -> float:
+    """PSNR in dB of one image from its mean squared error (in ``data_range`` units, e.g. 255 for uint8 levels),
+    capped at ``cap`` (default :data:`PSNR_CAP_DB`): identical images (``mse == 0``) give ``cap``, because the value
+    goes into JSON, which has no infinity, and into means. Same formula as :func:`psnr`, for callers that already
+    hold the error (protect's per-file checks, CPU and GPU)."""
+    if mse == 0.0:
+        return cap
+    return min(cap, 10.0 * math.log10(data_range**2 / mse))
 
 
 def mae(x: Tensor, y: Tensor) -> Tensor:

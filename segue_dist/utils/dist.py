@@ -7,6 +7,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from segue_dist.utils.device import best_device  # noqa: F401 - re-exported: callers import it from here
+
 
 def rank() -> int:
     if dist.is_available() and dist.is_initialized():
@@ -43,9 +45,3 @@ def init_if_launched(backend: str | None = None) -> bool:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def best_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank() % max(torch.cuda.device_count(), 1))
-    return torch.device("cpu")

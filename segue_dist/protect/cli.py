@@ -1,0 +1,143 @@
+"""`segue protect` / `python -m segue_dist.protect`: arguments, the run, and the summary tables it prints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from segue_dist.protect.manifest import QUARANTINE_NAME, finalize_if_complete
+from segue_dist.protect.options import ProtectOptions
+from segue_dist.protect.pipeline import Protector, RankSummary
+from segue_dist.utils.progress import console, print_table
+from segue_dist.utils.seed import seed_everything
+
+
+def print_rank_summary(summary: RankSummary) -> None:
+    stats = summary.stats
+    written = summary.written
+    rate = written / summary.seconds if summary.seconds > 0 else 0.0
+    rows = [
+        [
+            f"{summary.rank}/{summary.world_size}",
+            f"{len(stats)}+{summary.shards_skipped}",
+            str(written),
+            str(summary.quarantined),
+            str(max((s["max_abs_delta"] for s in stats if s["written"]), default=0)),
+            f"{sum(s['mean_abs_delta'] * s['written'] for s in stats) / max(written, 1):.2f}",
+            f"{sum(s['psnr_mean'] * s['written'] for s in stats) / max(written, 1):.2f}",
+            f"{rate:,.1f}",
+        ]
+    ]
+    if summary.timings:
+        phases = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(summary.timings.items(), key=lambda kv: -kv[1]))
+        console.print(f"main thread: {phases} of {summary.seconds:.1f}s")
+    print_table(
+        "segue protect: this rank (shards done now + already finished; |δ| in 1/255)",
+        ["rank", "shards", "written", "quar.", "max|δ|", "mean|δ|", "PSNR", "img/s"],
+        rows,
+    )
+
+
+def print_manifest(manifest: dict[str, Any]) -> None:
+    bound = manifest["eps_bound_holds"]
+    bound_text = "n/a (lossy: measured)" if bound is None else ("holds" if bound else "VIOLATED")
+    rows = [
+        ["shards", str(manifest["shards"])],
+        ["samples in", str(manifest["samples_in"])],
+        ["samples out", str(manifest["samples_out"])],
+        ["quarantined", str(manifest["quarantined"])],
+        ["balanced", "yes" if manifest["balanced"] else "NO"],
+        [f"ε bound ({manifest['eps_levels']} levels)", bound_text],
+        ["max |δ| (levels)", str(manifest["measured_max_abs"])],
+        ["mean |δ| (levels)", f"{manifest['mean_abs_delta']:.2f}"],
+        ["PSNR (dB)", f"{manifest['psnr_mean']:.2f}"],
+    ]
+    print_table(f"segue protect: {manifest['output']}", ["", "value"], rows)
+    for q in manifest["quarantined_samples"][:20]:
+        console.print(f"  quarantined {q['shard']} {q['key']}: {q['reason']}")
+    if manifest["quarantined"] > 20:
+        console.print(f"  ... {manifest['quarantined'] - 20} more in {QUARANTINE_NAME}")
+    for e in manifest["shard_errors"]:
+        console.print(f"  [red]shard error[/red] {e['shard']}: {e['reason']}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--generator", required=True, metavar="PATH", help="exported generator (.safetensors or dir)")
+    parser.add_argument("--in", dest="inp", required=True, metavar="DIR", help="input split, e.g. shards/lfw62/train")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output split folder (must differ from --in)")
+    parser.add_argument("--labels", metavar="JSON", help="pseudo-label sidecar (key -> label) instead of .cls")
+    parser.add_argument("--format", choices=["png", "jpeg", "jpg"], default="png", help="output format (png)")
+    parser.add_argument("--png-level", type=int, default=1, help="PNG zlib level 0..9 (1; 0 = fastest, largest)")
+    parser.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1..100 (95)")
+    parser.add_argument("--batch-size", type=int, default=0, help="forward batch (0 = 256 on CUDA, 16 on CPU)")
+    parser.add_argument("--workers", type=int, default=0, help="loader (decode) worker processes (0 = auto)")
+    parser.add_argument("--encode-workers", type=int, default=0, help="encode pool size (0 = auto)")
+    parser.add_argument(
+        "--encode-backend", choices=["auto", "thread", "process"], default="auto", help="encode pool kind (auto)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="CPU only: images through G in parallel (0 = auto)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto)")
+    parser.add_argument("--gpu-codec", action="store_true", help="CUDA: nvJPEG decode of JPEG inputs, GPU JPEG encode")
+    parser.add_argument("--allow-unseen-labels", action="store_true", help="accept labels >= the generator's classes")
+    parser.add_argument("--max-pixels", type=int, default=4096 * 4096, help="quarantine larger images (4096x4096)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def options_from_args(args: argparse.Namespace) -> ProtectOptions:
+    return ProtectOptions(
+        generator=args.generator,
+        inp=args.inp,
+        out=args.out,
+        labels=args.labels,
+        format=args.format,
+        png_level=args.png_level,
+        jpeg_quality=args.jpeg_quality,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        encode_workers=args.encode_workers,
+        encode_backend=args.encode_backend,
+        threads=args.threads,
+        device=args.device,
+        gpu_codec=args.gpu_codec,
+        seed=args.seed,
+        allow_unseen_labels=args.allow_unseen_labels,
+        max_pixels=args.max_pixels,
+        progress=not args.no_progress,
+    )
+
+
+def protect(opts: ProtectOptions) -> tuple[RankSummary, dict[str, Any] | None]:
+    """Run this rank's share; returns its summary and the manifest if this rank completed the set."""
+    seed_everything(opts.seed)
+    protector = Protector(opts)
+    summary = protector.run()
+    manifest = finalize_if_complete(protector.shard_set, protector.out_dir)
+    return summary, manifest
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = options_from_args(args)
+    summary, manifest = protect(opts)
+    is_main = summary.rank == 0
+    if is_main or manifest is not None:
+        print_rank_summary(summary)
+    if manifest is None:
+        console.print(
+            f"rank {summary.rank}: shards done; the manifest is written by the last rank to finish "
+            f"(or by a rerun, which skips finished shards)"
+        )
+        return 0
+    print_manifest(manifest)
+    if not manifest["balanced"]:
+        print(f"segue protect: error: {opts.out}: " + "; ".join(manifest["problems"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from segue_dist.cli import stage_main
+
+    return stage_main("protect", argv)

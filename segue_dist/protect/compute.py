@@ -1,0 +1,60 @@
+"""Running G on a batch of uint8 images: bit-exact per image on CPU, batched bf16 on CUDA."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from segue_dist.protect.quantise import quantise_protected
+
+
+class Perturber:
+    """Runs G on a batch of same-size uint8 images (N, H, W, 3) and returns the protected uint8 images (N, H, W, 3)
+    on the device it computed on."""
+
+    def __init__(self, generator: torch.nn.Module, device: torch.device, levels: int, threads: int) -> None:
+        self.generator = generator
+        self.device = device
+        self.levels = levels
+        self.on_cuda = device.type == "cuda"
+        self.pool = None if self.on_cuda or threads <= 1 else make_thread_pool(threads, "generator")
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def compute_label(self) -> str:
+        if self.on_cuda:
+            return f"cuda-bf16:{torch.cuda.get_device_name(self.device)}"
+        return "cpu-fp32-per-image"
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.on_cuda:
+            return self._cuda(images, labels)
+        if self.pool is None:
+            deltas = [self._one(images[i : i + 1], labels[i : i + 1]) for i in range(len(images))]
+        else:
+            deltas = list(self.pool.map(lambda i: self._one(images[i : i + 1], labels[i : i + 1]), range(len(images))))
+        return quantise_protected(images, torch.cat(deltas).permute(0, 2, 3, 1), self.levels).contiguous()
+
+    def _one(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        # One image at a time on one intra-op thread: float32 CPU kernels then give the same bits whatever the
+        # batch, the number of threads or ranks (batched GEMMs and thread splits change the low bits).
+        with torch.inference_mode():
+            return self.generator(image.permute(0, 3, 1, 2).to(torch.float32).div_(255.0), label)
+
+    def _cuda(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Asynchronous: nothing here waits for the GPU, so the main thread goes on to the next batch.
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                # NHWC memory seen as NCHW is channels_last: the layout cuDNN's fast kernels want, without a copy.
+                delta = self.generator(images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0), labels)
+            return quantise_protected(images, delta.float().permute(0, 2, 3, 1), self.levels).contiguous()
+
+
+def make_thread_pool(threads: int, name: str) -> ThreadPoolExecutor:
+    # torch.set_num_threads is per thread: each pool thread must be told to use one intra-op thread itself.
+    return ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(1,))

@@ -1,0 +1,100 @@
+"""`segue protect`'s settings: :class:`ProtectOptions` (validated) and how automatic worker counts are chosen."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# The generator halves the resolution twice and instance-normalises the bottleneck, so it needs sides >= 8 px.
+MIN_SIDE = 8
+FORMATS = ("png", "jpeg")
+# Test hook: seconds to sleep after each written batch, so a test can kill -9 the job in the middle of a shard.
+TEST_DELAY_ENV = "SEGUE_PROTECT_TEST_DELAY_S"
+
+
+@dataclass
+class ProtectOptions:
+    """Everything `segue protect` needs; validated on construction (a bad value is a one-line ``ValueError``)."""
+
+    generator: str
+    inp: str
+    out: str
+    labels: str | None = None  # pseudo-label sidecar (key -> label); None = the shards' `.cls`
+    format: str = "png"
+    png_level: int = 1
+    jpeg_quality: int = 95
+    batch_size: int = 0  # images per forward batch (per shard and size); 0 = 256 on CUDA, 16 on CPU
+    workers: int = 0  # loader worker processes; 0 = pick from the CPU count
+    encode_workers: int = 0  # encode pool size; 0 = pick from the CPU count
+    encode_backend: str = "auto"  # thread | process | auto (process for JPEG with >= 4 encoders, else thread)
+    threads: int = 0  # CPU only: images run through G in parallel (each on one intra-op thread); 0 = auto
+    device: str = "auto"
+    gpu_codec: bool = False  # CUDA only: nvJPEG decode of JPEG inputs and, for JPEG output, encode on the GPU
+    seed: int = 0
+    allow_unseen_labels: bool = False  # labels >= num_classes (up to 2**bits - 1) are legal codes, never trained
+    max_pixels: int = 4096 * 4096
+    inflight: int = 0  # forward batches whose encode may be pending at once; 0 = 2 x encode workers + 2
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.format == "jpg":
+            self.format = "jpeg"
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if not 0 <= self.png_level <= 9:
+            raise ValueError(f"png_level must be in 0..9, got {self.png_level}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        for name in ("batch_size", "workers", "encode_workers", "threads", "inflight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = automatic), got {getattr(self, name)}")
+        if self.encode_backend not in ("auto", "thread", "process"):
+            raise ValueError(f"encode_backend must be auto, thread or process, got {self.encode_backend!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.max_pixels < MIN_SIDE * MIN_SIDE:
+            raise ValueError(f"max_pixels must be >= {MIN_SIDE * MIN_SIDE}, got {self.max_pixels}")
+        if not self.generator or not self.inp or not self.out:
+            raise ValueError("protect needs --generator, --in and --out")
+
+
+def cpus_per_rank() -> int:
+    """CPU cores this process may use, shared evenly with the other ranks on the same node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // max(1, local_world))
+
+
+def resolve_workers(opts: ProtectOptions, on_cuda: bool) -> tuple[int, int, int]:
+    """(loader workers, encode workers, CPU G threads). Explicit values win; 0 means pick from the cores.
+
+    On CPU, G costs 10-50x more than decode + encode (bench/protect_throughput.py), so every core runs G and the
+    codec workers, mostly idle, share them. On a GPU host the cores are all for codecs: about a third decode (JPEG
+    decode is cheaper than encode + the verifying decode), the rest encode.
+    """
+    cores = cpus_per_rank()
+    if on_cuda:
+        workers = opts.workers or max(1, cores // 3)
+        encoders = opts.encode_workers or max(1, cores - workers - 1)
+        return workers, encoders, 1
+    threads = opts.threads or cores
+    workers = opts.workers or max(1, cores // 4)
+    encoders = opts.encode_workers or max(1, cores // 2)
+    return workers, encoders, threads
+
+
+def resolve_encode_backend(choice: str, fmt: str, encoders: int) -> str:
+    """PIL's zlib releases the GIL, so PNG encodes well in threads; its JPEG path mostly does not (16 threads ran
+    decode + encode 4x slower than 16 processes on a 16-core host), so several JPEG encoders are processes."""
+    if choice != "auto":
+        return choice
+    return "process" if fmt == "jpeg" and encoders >= 4 else "thread"
+
+
+def resolve_batch_size(opts: ProtectOptions, on_cuda: bool) -> int:
+    """Big batches feed a GPU; on CPU images go through G one by one anyway, and small batches start encoding
+    sooner (and bound memory tighter)."""
+    return opts.batch_size or (256 if on_cuda else 16)
