@@ -72,6 +72,42 @@ def training_launcher(processes: int) -> list[str]:
     return [*launch, "-m", "segue_dist.train"]
 
 
+def run_rows_in_parallel(experiment: Path, overrides: list[str], jobs: int, logs: Path) -> None:
+    """Run each row of the sweep as its own `segue evaluate sweep --only <row>` process, ``jobs`` at a time.
+
+    Victim training is the demo's longest stage and one victim uses one CPU core well; the sweep keeps one JSON per
+    row, so the rows can be computed apart and the final sequential sweep only collects them. Each row's output
+    goes to ``logs/<row>.log``; a failed row stops the demo with its log's tail.
+    """
+    from segue_dist.config import load_config
+    from segue_dist.evaluate.config import SweepConfig
+    from segue_dist.evaluate.sweep import plan_rows
+
+    names = [row.name for row in plan_rows(load_config(SweepConfig, experiment, overrides))]
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    console.rule(f"[bold]evaluate: {len(names)} rows, {jobs} at a time (logs: {logs})")
+    pending, running = list(names), []
+    while pending or running:
+        while pending and len(running) < jobs:
+            name = pending.pop(0)
+            cmd = [sys.executable, "-m", "segue_dist.cli", "evaluate", "sweep", "--config", str(experiment),
+                   "--only", name, *overrides]  # fmt: skip
+            log = (logs / f"{name}.log").open("w")
+            running.append((name, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(1.0)
+        for item in [r for r in running if r[1].poll() is not None]:
+            name, proc, log = item
+            log.close()
+            running.remove(item)
+            if proc.returncode != 0:
+                for _, other, _ in running:
+                    other.kill()
+                tail = (logs / f"{name}.log").read_text()[-2000:]
+                raise SystemExit(f"segue demo: evaluation row {name} failed ({proc.returncode}):\n{tail}")
+            console.print(f"row {name} done")
+
+
 def done(path: Path) -> bool:
     return path.exists()
 
@@ -121,11 +157,14 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, float]:
 
     def stage_evaluate() -> None:
         # The experiment config names runs/demo; point it at this --out.
-        text = (REPO / "configs/experiments/demo.yaml").read_text().replace("runs/demo", str(out))
+        config = "demo_full.yaml" if args.full else "demo.yaml"
+        text = (REPO / "configs/experiments" / config).read_text().replace("runs/demo", str(out))
         experiment = out / "experiment.yaml"
         atomic_write_bytes(experiment, text.encode("utf-8"))
-        epochs = [f"train.epochs={args.victim_epochs}"] if args.victim_epochs else []
-        segue("evaluate", "sweep", "--config", str(experiment), f"train.size={args.size}", *epochs)
+        overrides = [f"train.size={args.size}", *([f"train.epochs={args.victim_epochs}"] if args.victim_epochs else [])]
+        if args.jobs > 1:  # rows in parallel, one thread each; the final sweep below finds them all done
+            run_rows_in_parallel(experiment, overrides, args.jobs, out / "eval" / "logs")
+        segue("evaluate", "sweep", "--config", str(experiment), *overrides)
 
     def stage_report() -> None:
         segue("report", "--results", str(out / "eval"), "--out", str(out / "report"))
@@ -147,14 +186,16 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="where the demo writes everything")
     parser.add_argument("--identities", type=int, default=10)
-    parser.add_argument("--per-identity", type=int, default=60)
-    parser.add_argument("--test-per-identity", type=int, default=10)
+    parser.add_argument("--per-identity", type=int, default=200)
+    parser.add_argument("--test-per-identity", type=int, default=20)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--samples-per-shard", type=int, default=60)
+    parser.add_argument("--samples-per-shard", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=12, help="generator epochs (Algorithm 1, joint schedule)")
     parser.add_argument("--extractor-epochs", type=int, default=8, help="feature extractor epochs")
     parser.add_argument("--victim-epochs", type=int, default=0, help="victim epochs (0 = the experiment config's)")
     parser.add_argument("--processes", type=int, default=2, help="training processes (gloo on CPU)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="evaluation rows at a time")
+    parser.add_argument("--full", action="store_true", help="evaluate LSP and random noise too, under more attacks")
     parser.add_argument("--unsupervised", action="store_true", help="train G on K-means pseudo-labels")
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
     parser.add_argument("--seed", type=int, default=0)

@@ -84,6 +84,7 @@ def test_config_too_few_bits_names_both_fields():
         ("template_channels", 0),
         ("luma_weight", 1.5),
         ("template_skip", -1.0),
+        ("output_rms_gain", -1.0),
     ],
 )
 def test_config_validation_names_field(field, value):
@@ -236,6 +237,28 @@ def test_luma_part_is_kept_by_grayscale_and_bound_holds():
     # The common (luminance) part is at least luma_weight * eps wherever both parts saturate with the same sign.
     common = delta.mean(dim=1)
     assert float(common.abs().max()) >= 0.75 * g.eps - 1e-6
+
+
+def test_rms_bound_does_not_saturate_when_the_head_output_explodes():
+    # A plain tanh head whose output has grown large sits at +-eps almost everywhere, where tanh passes no gradient
+    # back and G stops learning. The RMS bound makes delta independent of the output's scale.
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([3, 4])
+
+    def delta_at(gain: float, scale: float) -> torch.Tensor:
+        g = template_generator(output_rms_gain=gain)
+        with torch.no_grad():
+            g.head.weight.mul_(scale)
+            g.head.bias.mul_(scale)
+            return g(x, y)
+
+    def saturated(delta: torch.Tensor) -> float:
+        return float((delta.abs() >= 0.95 * 8 / 255).float().mean())
+
+    assert saturated(delta_at(0.0, 1e3)) > 0.9  # the failure the option exists for
+    small, big = delta_at(1.5, 1.0), delta_at(1.5, 1e3)
+    torch.testing.assert_close(big, small, atol=1e-5, rtol=0)  # float32 at 1e3x
+    assert 0.0 < saturated(big) < 0.5
+    assert float(big.abs().max()) <= 8 / 255
 
 
 def test_generator_deterministic_with_seed():
