@@ -182,7 +182,7 @@ def joint_step(
 
     The error-minimising objective of Algorithm 1 with the two minimisations taken together (as in unlearnable
     examples' min-min, Huang et al. 2021, but one step each): f learns from the distorted protected batch while G
-    moves δ toward what a network that is still learning picks up first (measured: README, Effectiveness).
+    moves δ toward what a network that is still learning picks up first (measured: docs/measurements.md).
     Raises ConfigError under DeepSpeed, whose engines step one model per backward.
     """
     if rt.deepspeed:
