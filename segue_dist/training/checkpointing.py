@@ -2,7 +2,8 @@
 
 DDP: rank 0 writes one pickle-free safetensors + JSON pair (`checkpoints/last.{safetensors,json}`, atomically, through
 segue_dist/checkpoint.py), with each rank's distortion RNG and, in multi-process runs, each rank's BatchNorm buffers.
-DeepSpeed: each engine writes its own checkpoint format; rank 0 adds `position.json` with the RNG states. The resume
+DeepSpeed: each engine writes its own checkpoint format (rank 0's module only); rank 0 adds `rank_buffers` (each
+rank's BatchNorm statistics) and, last, `position.json` with the position, the world size and the RNG states. The resume
 contract: a run resumed from any checkpoint (epoch end or every `checkpoint_every` steps) with the same world size is
 bit-identical to the uninterrupted run; another world size is refused.
 """
@@ -48,6 +49,8 @@ def save_checkpoint(
         for runner in (g, f):
             runner.engine.save_checkpoint(str(ckpt / runner.name), tag="last", client_state={})
         if rt.is_main:
+            if rank_buffers:  # the engines save rank 0's module only
+                save_state(ckpt / "rank_buffers", rank_buffers, {})
             atomic_write_json(
                 ckpt / "position.json", {**position, "world_size": rt.world_size, "rng_states": rng_states.tolist()}
             )
@@ -124,6 +127,8 @@ def load_checkpoint(g: Runner, f: Runner, rng: torch.Generator, cfg: TrainConfig
         for runner in (g, f):
             runner.engine.load_checkpoint(str(ckpt / runner.name), tag="last")
         rng.set_state(torch.tensor(meta["rng_states"][rt.rank], dtype=torch.uint8))
+        if (ckpt / "rank_buffers.json").is_file():
+            restore_rank_buffers(f.module, load_state(ckpt / "rank_buffers")[0], rt.rank)
         return {k: v for k, v in meta.items() if k not in ("rng_states", "world_size")}
     if not (ckpt / "last.json").is_file():
         return None
@@ -136,12 +141,17 @@ def load_checkpoint(g: Runner, f: Runner, rng: torch.Generator, cfg: TrainConfig
         runner.base_optimizer.load_state_dict(unflatten_state(meta["optim"][f"{name}_optim"], tensors))
     restore_rng(tensors, meta["rng"])
     rng.set_state(tensors["distortion_rng"][rt.rank].clone())
-    with torch.no_grad():
-        for name, buf in f.module.named_buffers():
-            own = tensors.get(f"f.rank{rt.rank}.{name}")
-            if own is not None:
-                buf.copy_(own)
+    restore_rank_buffers(f.module, tensors, rt.rank)
     return meta["position"]
+
+
+@torch.no_grad()
+def restore_rank_buffers(module: nn.Module, tensors: dict[str, torch.Tensor], rank: int) -> None:
+    """Put this rank's own BatchNorm statistics (``f.rank<r>.<name>``, multi-process runs only) back into f."""
+    for name, buf in module.named_buffers():
+        own = tensors.get(f"f.rank{rank}.{name}")
+        if own is not None:
+            buf.copy_(own)
 
 
 def refuse_other_world_size(written_by: int, rt: Runtime) -> None:
