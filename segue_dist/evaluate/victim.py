@@ -139,7 +139,7 @@ def _train_epoch(
     return {
         "epoch": epoch + 1,
         "train_loss": stats.mean_loss,
-        "train_acc": 100.0 * stats.accuracy,
+        "train_acc": 100.0 * stats.correct / max(1, stats.seen),
         "lr": sched.get_last_lr()[0],
     }
 
