@@ -1,4 +1,4 @@
-"""Train the Segue generator G against a surrogate f: Algorithm 1 of the paper (section III-C), on any number of ranks.
+"""Train the Segue generator G against a surrogate f: Algorithm 1 of the paper (section III-D), on any number of ranks.
 
     accelerate launch -m segue_dist.train --config configs/train/default.yaml [key=value ...]
     torchrun --nproc_per_node 2 -m segue_dist.train --config ...        (same thing)
@@ -122,7 +122,7 @@ def take_step(stage: str, s: TrainingSetup, x: torch.Tensor, y: torch.Tensor, cf
 
 
 def reason_to_stop(record: dict[str, Any], cfg: TrainConfig, epoch: int, epochs_this_run: int) -> str | None:
-    """Why training ends after this epoch, or None. The loss test is the paper's (section IV-A): f's loss on the
+    """Why training ends after this epoch, or None. The loss test is the paper's (section III-D): f's loss on the
     unlearnable examples, so only an epoch in which f trained can meet it."""
     f_loss = record["f_ce_on_unlearnable"]
     if f_loss is not None and f_loss < cfg.stop_loss:

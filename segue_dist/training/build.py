@@ -22,7 +22,7 @@ from segue_dist.utils.seed import derive_seed, seed_everything
 
 @dataclass
 class SideInformation:
-    """Where ŷ comes from (paper, section III-B: true labels, or pseudo-labels when the owner has none)."""
+    """Where ŷ comes from (paper, section III-A: true labels, or pseudo-labels when the owner has none)."""
 
     pseudo_labels: dict[str, int] | None  # sample key -> pseudo-label; None = the shards' own `.cls`
     num_classes: int  # K

@@ -74,7 +74,7 @@ class TrainConfig:
     # learns what is easiest first, so G keeps being pushed toward what a victim trained from scratch picks up first.
     f_reset_every: int = 0
     # Stop once f's loss on the unlearnable examples, averaged over an epoch in which f trains and across ranks,
-    # is below this (paper, section IV-A: "when the loss of f on the unlearnable examples drops below 0.001").
+    # is below this (paper, section III-D: "when the loss of f on the unlearnable examples drops below 0.001").
     stop_loss: float = 1e-3
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16

@@ -11,7 +11,7 @@ ranks; a quantity the epoch's stage does not compute is null):
 | `g_ce` | null | the CE term of `g_objective` (frozen f) | same (f training) |
 | `delta_l2` | null | E‖δ‖₂ | same |
 
-`stop_loss` tests `f_ce_on_unlearnable` (paper, section IV-A). Before this layout, `f_ce_on_unlearnable` held the CE of
+`stop_loss` tests `f_ce_on_unlearnable` (paper, section III-D). Before this layout, `f_ce_on_unlearnable` held the CE of
 the step, whatever the stage (in G epochs the frozen f's CE on distorted inputs) and `delta_l2` was 0 in f epochs;
 train_summary.json files written then (bench/results/) keep the old meaning.
 """
