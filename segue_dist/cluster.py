@@ -13,10 +13,9 @@ true labels where the shards have them; Segue needs accuracy above 80%).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from torch import nn
 
 from segue_dist.checkpoint import file_sha256, load_state_strict, save_safetensors
 from segue_dist.config import ConfigError
+from segue_dist.data.assign import contiguous_split
 from segue_dist.data.loader import (
     OnePassStream,
     Record,
@@ -46,6 +46,7 @@ from segue_dist.kmeans import KMeansConfig, estimate_k, fit_kmeans, fit_kmeans_d
 from segue_dist.metrics.clustering import clustering_report
 from segue_dist.models.classifiers import Normalize
 from segue_dist.models.embedding import CosineMarginHead, EmbedderConfig, FaceEmbedder
+from segue_dist.supervised import supervised_epoch
 from segue_dist.utils import dist as dist_utils
 from segue_dist.utils.io import atomic_write_json, read_json, remove_stale_temps
 from segue_dist.utils.progress import console, make_progress, print_table
@@ -97,24 +98,27 @@ def fit_extractor(cfg: ExtractorTrainConfig, show_progress: bool = True) -> Path
         for epoch in range(1, cfg.epochs + 1):
             stream.set_epoch(epoch)
             model.train()
-            total, correct, loss_sum = 0, 0, 0.0
-            for images, labels, _ in train_loader(stream, cfg.num_workers):
-                x = images.to(device).float().div_(255.0)
-                mirror = torch.rand(x.shape[0], generator=flip) < 0.5
-                x[mirror] = x[mirror].flip(-1)  # faces are left-right symmetric; a free augmentation
-                y = labels.to(device)
-                logits = head(model(x), y)
-                loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total += y.numel()
-                correct += int((logits.argmax(1) == y).sum())
-                loss_sum += loss.item() * y.numel()
-                progress.update(task, advance=1, info=f"epoch {epoch} loss {loss.item():.3f}")
-            history.append({"epoch": epoch, "loss": loss_sum / total, "train_accuracy": correct / total})
+            stats = supervised_epoch(
+                _mirrored_batches(train_loader(stream, cfg.num_workers), flip, device),
+                lambda x, y: head(model(x), y),
+                optimizer,
+                scheduler,
+                lambda loss, e=epoch: progress.update(task, advance=1, info=f"epoch {e} loss {loss:.3f}"),
+            )
+            history.append({"epoch": epoch, "loss": stats.mean_loss, "train_accuracy": stats.accuracy})
     return export_extractor(model, cfg, shard_set.num_classes, history)
+
+
+def _mirrored_batches(
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor, int]], flip: torch.Generator, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x in [0, 1], labels) on ``device``, half the faces mirrored (faces are left-right symmetric: a free
+    augmentation)."""
+    for images, labels, _ in loader:
+        x = images.to(device).float().div_(255.0)
+        mirror = torch.rand(x.shape[0], generator=flip) < 0.5
+        x[mirror] = x[mirror].flip(-1)
+        yield x, labels.to(device)
 
 
 def export_extractor(model: FaceEmbedder, cfg: ExtractorTrainConfig, identities: int, history: list) -> Path:
@@ -294,13 +298,6 @@ def load_features(out: Path, shard_names: list[str]) -> tuple[np.ndarray, list[s
 
 
 # -------------------------------------------------------------------------------------------------------- k-means
-
-
-def contiguous_split(names: list[str], rank: int, world: int) -> list[str]:
-    """Rank r takes the r-th contiguous block: concatenating ranks in order gives the single-process order, which
-    is what makes distributed K-means equal to the single-process result."""
-    per = math.ceil(len(names) / world)
-    return names[rank * per : (rank + 1) * per]
 
 
 def run_kmeans(out: Path, shards_dir: str, cfg: KMeansConfig) -> tuple[list[str], np.ndarray, np.ndarray, Any]:

@@ -96,33 +96,55 @@ def test_ddp_two_processes_train_in_sync_and_learn(ddp_run: tuple[Path, dict]) -
     assert delta.abs().max() <= meta["eps"] + 1e-6
 
 
+def assert_pause_and_resume_match(config: str, reference: tuple[Path, dict], shards: Path, out: Path) -> None:
+    """Run 1 of 3 epochs, pause, resume: the resumed epochs and the exported generator equal the uninterrupted run's."""
+    ref_out, ref = reference
+    first = launch(config, out, shards, "max_epochs_this_run=1")
+    assert first["stop_reason"].startswith("paused") and len(first["history"]) == 1
+    assert not (out / "generator.safetensors").exists()
+    resumed = launch(config, out, shards)
+    assert [h["epoch"] for h in resumed["history"]] == [2, 3]
+    assert resumed["steps"] == ref["steps"] and resumed["deepspeed"] == ref["deepspeed"]
+    for mine, theirs in zip(resumed["history"], ref["history"][1:], strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
+    assert (out / "generator.safetensors").read_bytes() == (ref_out / "generator.safetensors").read_bytes()
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_paused_and_resumed_run_matches_uninterrupted(
     ddp_run: tuple[Path, dict], glint_shards: Path, tmp_path: Path
 ) -> None:
-    ref_out, ref = ddp_run
-    first = launch("cpu_2proc.yaml", tmp_path, glint_shards, "max_epochs_this_run=1")
-    assert first["stop_reason"].startswith("paused") and len(first["history"]) == 1
-    assert not (tmp_path / "generator.safetensors").exists()
-    resumed = launch("cpu_2proc.yaml", tmp_path, glint_shards)
-    assert [h["epoch"] for h in resumed["history"]] == [2, 3]
-    assert resumed["steps"] == ref["steps"]
-    for mine, theirs in zip(resumed["history"], ref["history"][1:], strict=True):
-        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
-    assert (tmp_path / "generator.safetensors").read_bytes() == (ref_out / "generator.safetensors").read_bytes()
+    assert_pause_and_resume_match("cpu_2proc.yaml", ddp_run, glint_shards, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_run(glint_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("deepspeed")
+    return out, launch("deepspeed_zero1.yaml", out, glint_shards)
 
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_deepspeed_zero1_two_engines_match_ddp(ddp_run: tuple[Path, dict], glint_shards: Path, tmp_path: Path) -> None:
-    pytest.importorskip("deepspeed")
+def test_deepspeed_zero1_two_engines_match_ddp(ddp_run: tuple[Path, dict], deepspeed_run: tuple[Path, dict]) -> None:
     _, ref = ddp_run
-    summary = launch("deepspeed_zero1.yaml", tmp_path, glint_shards)
+    out, summary = deepspeed_run
     assert summary["deepspeed"] is True and summary["world_size"] == 2 and summary["ranks_in_sync"] is True
     for mine, theirs in zip(summary["history"], ref["history"], strict=True):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
-    load_generator(tmp_path / "generator.safetensors")
+    load_generator(out / "generator.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_deepspeed_paused_and_resumed_run_matches_uninterrupted(
+    deepspeed_run: tuple[Path, dict], glint_shards: Path, tmp_path: Path
+) -> None:
+    # DeepSpeed's own checkpoint format (engines, ZeRO optimiser partitions) plus position.json, which records the
+    # world size as the DDP checkpoint does.
+    assert_pause_and_resume_match("deepspeed_zero1.yaml", deepspeed_run, glint_shards, tmp_path)
+    assert json.loads((tmp_path / "checkpoints" / "position.json").read_text())["world_size"] == 2
 
 
 def test_exported_generator_loads_strictly(tmp_path: Path) -> None:

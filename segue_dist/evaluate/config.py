@@ -28,9 +28,9 @@ BASELINE_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 class VictimConfig:
     """How a victim is trained.
 
-    Adam (1e-3) is the default because the short CPU runs need it: ResNet-18 on glint24 at 32 px reaches 54% clean-test
-    accuracy after 8 epochs with Adam and 24% with SGD (0.1, momentum 0.9), chance being 4.2%. For long GPU runs the
-    paper-style recipe is ``optimizer=sgd lr=0.1`` (cosine, weight decay 5e-4).
+    Adam (1e-3) is the default because short CPU runs learn with it and barely with SGD (figures:
+    docs/measurements.md); for long GPU runs the paper-style recipe is ``optimizer=sgd lr=0.1`` (cosine, weight decay
+    5e-4).
     """
 
     epochs: int = 10

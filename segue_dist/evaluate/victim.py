@@ -6,18 +6,18 @@ from __future__ import annotations
 import contextlib
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segue_dist.attacks import AttackerConfig, pgd_linf, train_batch_transform
 from segue_dist.evaluate.config import VictimConfig
 from segue_dist.evaluate.data import PreparedData, TestFeed, prepare_data
+from segue_dist.supervised import supervised_epoch
 from segue_dist.utils.progress import make_progress
 from segue_dist.utils.seed import derive_seed, seed_everything
 
@@ -125,9 +125,35 @@ def _train_epoch(
     sched: torch.optim.lr_scheduler.LRScheduler,
     epoch: int,
 ) -> dict[str, Any]:
+    """One epoch (from 0) on the attacker's training batches; raises RuntimeError when the loss is not finite."""
     model.train()
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "augment", epoch))
-    loss_sum, correct, seen = 0.0, 0, 0
+
+    def logits_of(x: Tensor, _targets: Tensor) -> Tensor:
+        with _autocast(device):
+            return model(x)
+
+    stats = supervised_epoch(_attacker_batches(model, data, attack, device, gen, epoch), logits_of, opt, sched)
+    if not np.isfinite(stats.loss_sum):
+        raise RuntimeError(f"victim training diverged at epoch {epoch + 1} (loss is not finite); lower train.lr")
+    return {
+        "epoch": epoch + 1,
+        "train_loss": stats.mean_loss,
+        "train_acc": 100.0 * stats.correct / max(1, stats.seen),
+        "lr": sched.get_last_lr()[0],
+    }
+
+
+def _attacker_batches(
+    model: nn.Module,
+    data: PreparedData,
+    attack: AttackerConfig,
+    device: torch.device,
+    gen: torch.Generator,
+    epoch: int,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(x, soft targets) of one epoch after the attacker's transforms and, with ``adv_rho`` > 0, PGD against the model
+    as it is at that batch (lazily: the loop steps the model between batches)."""
     for images, labels in data.feed.batches(epoch):
         x, targets = train_batch_transform(_to_input(images, device), labels.to(device), data.num_classes, attack, gen)
         x = _channels_last(x)
@@ -142,24 +168,7 @@ def _train_epoch(
                     step_size=attack.step_size,
                     generator=gen,
                 )
-        with _autocast(device):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_sum += loss.item() * len(labels)
-        correct += int((logits.argmax(1) == targets.argmax(1)).sum())
-        seen += len(labels)
-    if not np.isfinite(loss_sum):
-        raise RuntimeError(f"victim training diverged at epoch {epoch + 1} (loss is not finite); lower train.lr")
-    return {
-        "epoch": epoch + 1,
-        "train_loss": loss_sum / max(1, seen),
-        "train_acc": 100.0 * correct / max(1, seen),
-        "lr": sched.get_last_lr()[0],
-    }
+        yield x, targets
 
 
 def run_victim(

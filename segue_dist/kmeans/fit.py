@@ -13,22 +13,24 @@ from segue_dist.kmeans.exact import DistComm, LocalComm
 from segue_dist.kmeans.faiss_backend import faiss_num_gpus, fit_faiss, load_faiss
 from segue_dist.kmeans.lloyd import lloyd
 from segue_dist.kmeans.rows import Rows, aligned_blocks, best_scores, block_rows, ieee_fp32_matmul
+from segue_dist.utils.device import best_device, resolve_device
 
 
 def torch_device(policy: GpuPolicy, device: torch.device | str | None, rows: Rows | None) -> torch.device:
+    """The torch backend's device: ``device`` when given (`utils.device.resolve_device`: ValueError when it names
+    CUDA and there is none), else the rows' own GPU, else by ``policy`` (``KMeansConfig.gpu``): 'never' the CPU,
+    'auto' `utils.device.best_device`, 'always' that GPU or RuntimeError without one."""
     if device is not None:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {dev} requested but CUDA is not available")
-        return dev
+        return resolve_device(str(device))
     if rows is not None and rows.is_cuda and policy != "never":
         assert isinstance(rows.x, torch.Tensor)
         return rows.x.device
-    if policy != "never" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    if policy == "always":
+    if policy == "never":
+        return torch.device("cpu")
+    chosen = best_device()
+    if policy == "always" and chosen.type != "cuda":
         raise RuntimeError("KMeansConfig.gpu='always' but no CUDA device is available to torch")
-    return torch.device("cpu")
+    return chosen
 
 
 def fit_kmeans(x: ArrayLike, cfg: KMeansConfig, device: torch.device | str | None = None) -> KMeansResult:

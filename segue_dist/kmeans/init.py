@@ -94,10 +94,9 @@ def kmeanspp(
     skips clusters, because the many points near existing seeds carry as much D^2 mass as the few far away.
     Scoring all candidates is one GEMM over the points, about the memory traffic of scoring one.
 
-    The k steps are sequential and each is small. Eagerly, the ~20 kernel launches per step dominate on a GPU
-    (k=10k, 320k candidates, d=512: ~7 s on an H200); on CUDA (``graph=None``) one step is captured as a CUDA graph
-    and replayed, the same kernels on the same data, so the result is bitwise the eager one (tested), and the cost
-    becomes the skinny GEMM's memory traffic (~5 s there at 32 candidates per seed, ~1.8 s at 8).
+    The k steps are sequential and each is small, so kernel launches dominate on a GPU; on CUDA (``graph=None``)
+    one step is captured as a CUDA graph and replayed, the same kernels on the same data, so the result is bitwise
+    the eager one (tested). Timings: docs/measurements.md.
     """
     s, _ = points.shape
     trials = 2 + int(math.log(k)) if k > 1 else 1

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segue_dist.data.shard_writer import STATS_SUFFIX
 from segue_dist.utils.io import read_json
 from segue_dist.utils.progress import console
 
@@ -31,7 +32,7 @@ def collect(results_dir: str | Path) -> Results:
     victims: dict[tuple[str, str], dict[str, Any]] = {}
     quality: dict[tuple[str, str], dict[str, Any]] = {}  # `evaluate quality` and a sweep may both have measured a pair
     for path in sorted(root.rglob("*.json")):
-        if path.name.endswith("._stats.json") or path.name in ("sizes.json", "labels.json"):
+        if path.name.endswith(STATS_SUFFIX) or path.name in ("sizes.json", "labels.json"):
             continue
         try:
             data = read_json(path)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from segue_dist.data.shard_writer import STATS_SUFFIX
 from segue_dist.protect import MANIFEST_NAME, SETTINGS_NAME
 from segue_dist.report.results import (
     Results,
@@ -183,7 +184,7 @@ def _protect_time(method: dict[str, Any]) -> tuple[float | None, int, str]:
     folder = Path(method.get("train", ""))
     if not (folder / MANIFEST_NAME).is_file():
         return None, 0, ""
-    stats = [read_json(p) for p in sorted(folder.glob("*._stats.json"))]
+    stats = [read_json(p) for p in sorted(folder.glob(f"*{STATS_SUFFIX}"))]
     settings = folder / SETTINGS_NAME
     compute = str(read_json(settings).get("compute", "")) if settings.is_file() else ""
     seconds = sum(float(s.get("seconds", 0.0)) for s in stats)

@@ -1,0 +1,98 @@
+"""Training configuration: `TrainConfig` and its parts, loaded from configs/train/*.yaml plus `key=value` overrides.
+
+Defaults follow the paper (section IV-A, Implementation Details) where it gives one; `schedule` and `f_reset_every`
+are this implementation's additions (see segue_dist/train.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from segue_dist.distortion import DistortionConfig
+from segue_dist.models.generator import GeneratorConfig
+
+SCHEDULES = ("alternate", "joint")  # see TrainConfig.schedule
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # a split folder of shards, e.g. shards/lfw62/train
+    labels: str = ""  # pseudo-label sidecar (key -> label); empty = true labels from .cls
+    image_size: list[int] = field(default_factory=lambda: [64])  # [side] or [height, width]
+    batch_size: int = 64  # per process
+    samples_per_epoch: int = 0  # 0 = the size of the training set
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+
+    def __post_init__(self) -> None:
+        if len(self.image_size) not in (1, 2) or min(self.image_size) < 16:
+            raise ValueError(f"data.image_size must be [side] or [height, width] >= 16, got {self.image_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.image_size[0], self.image_size[-1])
+
+
+@dataclass
+class SurrogateConfig:
+    arch: str = "resnet18"
+    pretrained: str = ""  # local weights file only; never downloaded
+    small_stem: bool | None = None  # None = automatic (on for images <= 112 px)
+
+
+@dataclass
+class OptimConfig:
+    lr_g: float = 5e-4
+    lr_f: float = 5e-4
+    weight_decay_f: float = 0.0
+    schedule: str = "constant"  # constant | cosine | step (per epoch)
+    alpha: float = 1.0  # weight of CE(f(distort(x + δ)), ŷ) in G's loss
+    beta: float = 1e-3  # weight of E‖δ‖₂
+    grad_clip: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine", "step"):
+            raise ValueError(f"optim.schedule must be constant, cosine or step, got {self.schedule!r}")
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/train"
+    data: DataConfig = field(default_factory=DataConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
+    distortion: DistortionConfig = field(default_factory=DistortionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 20
+    # alternate: Algorithm 1 as printed (an f epoch, then f_every - 1 G epochs against the frozen f).
+    # joint: every step updates f and G together on one loss through the distortion layer (see joint_step).
+    schedule: str = "alternate"
+    f_every: int = 5  # alternate: epoch % f_every == 1 trains f; the other epochs train G (Algorithm 1)
+    # joint: re-initialise f (fresh weights, fresh optimiser state) every this many epochs, 0 = never. A fresh f
+    # learns what is easiest first, so G keeps being pushed toward what a victim trained from scratch picks up first.
+    f_reset_every: int = 0
+    # Stop once f's loss on the unlearnable examples, averaged over an epoch in which f trains and across ranks,
+    # is below this (paper, section III-D: "when the loss of f on the unlearnable examples drops below 0.001").
+    stop_loss: float = 1e-3
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0 = at epoch ends only)
+    resume: bool = True
+    deepspeed: str = ""  # DeepSpeed JSON: train G and f as two DeepSpeed engines
+    log_every: int = 10
+    tensorboard: bool = True
+    max_epochs_this_run: int = 0  # stop (resumably) after this many epochs; for tests and time-boxed jobs
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.f_every < 2:
+            raise ValueError(f"f_every must be >= 2 (one f epoch then G epochs), got {self.f_every}")
+        if self.f_reset_every < 0:
+            raise ValueError(f"f_reset_every must be >= 0, got {self.f_reset_every}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
