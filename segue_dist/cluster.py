@@ -46,12 +46,14 @@ from segue_dist.kmeans import KMeansConfig, estimate_k, fit_kmeans, fit_kmeans_d
 from segue_dist.metrics.clustering import clustering_report
 from segue_dist.models.classifiers import Normalize
 from segue_dist.models.embedding import CosineMarginHead, EmbedderConfig, FaceEmbedder
+from segue_dist.models.face_dlib import INSTALL_HINT, DlibFeatures, FaceModelUnavailable, dlib_available, weights_sha256
 from segue_dist.utils import dist as dist_utils
 from segue_dist.utils.io import atomic_write_json, read_json, remove_stale_temps
 from segue_dist.utils.progress import console, make_progress, print_table
 from segue_dist.utils.seed import seed_everything
 
 EXTRACTOR_FORMAT = "segue-extractor/1"
+DLIB = "dlib"  # --extractor value of the pretrained dlib face descriptor (segue_dist/models/face_dlib.py)
 
 # ------------------------------------------------------------------------------------------- feature extractor
 
@@ -153,7 +155,14 @@ class TorchvisionFeatures(nn.Module):
 
 
 def load_feature_model(path: str, arch: str = "", image_size: int = 0) -> tuple[nn.Module, dict[str, Any]]:
-    """An exported extractor folder/file, or ``arch`` = ``torchvision:<name>`` / ``timm:<name>`` with local weights."""
+    """``dlib`` (the pretrained face descriptor of the [faces] extra), an exported extractor folder/file, or
+    ``arch`` = ``torchvision:<name>`` / ``timm:<name>`` with local weights."""
+    if path == DLIB:
+        try:
+            # image_size 0: dlib sees the stored pixels (it detects and aligns the face itself).
+            return DlibFeatures().eval(), {"extractor": DLIB, "sha256": weights_sha256(), "image_size": 0}
+        except FaceModelUnavailable as exc:
+            raise ConfigError(str(exc)) from None
     weights = Path(path)
     if weights.is_dir():
         weights = weights / "extractor.safetensors"
@@ -217,12 +226,15 @@ def extract_features(
     model: nn.Module,
     out: Path,
     *,
-    image_size: int,
+    image_size: int | None,
     batch_size: int = 256,
     num_workers: int = 2,
     show_progress: bool = True,
 ) -> dict[str, int]:
-    """Embed this rank's shards; one safetensors + JSON per shard (JSON last = finished). Returns counts."""
+    """Embed this rank's shards; one safetensors + JSON per shard (JSON last = finished). Returns counts.
+
+    ``image_size`` None feeds the stored size. A model with ``counts`` (dlib: faces found / fallbacks) adds them.
+    """
     rank, world = dist_utils.rank(), dist_utils.world_size()
     device = dist_utils.best_device()
     model = model.to(device).eval()
@@ -257,7 +269,7 @@ def extract_features(
                 counts["skipped"] += len(pending[end.shard]["bad"])
                 _write_shard_features(out, end.shard, pending.pop(end.shard))
             progress.update(task, advance=len(good) + len(bad))
-    return counts
+    return {**counts, **getattr(model, "counts", {})}
 
 
 def _collect(bucket: dict[str, list], record: Record, row: torch.Tensor) -> None:
@@ -344,12 +356,10 @@ def cluster(args: argparse.Namespace) -> dict[str, Any]:
     rank = dist_utils.rank()
     seed_everything(args.seed)
     model, model_meta = load_feature_model(args.extractor, args.extractor_arch, args.size)
-    image_size = args.size or int(
-        model_meta.get("embedder", {}).get("image_size", 0) or model_meta.get("image_size", 112)
-    )
+    image_size = args.size or int(model_meta.get("embedder", {}).get("image_size", 0) or model_meta["image_size"])
     t0 = time.perf_counter()
     counts = extract_features(
-        args.shards, model, out, image_size=image_size, batch_size=args.batch_size, num_workers=args.workers
+        args.shards, model, out, image_size=image_size or None, batch_size=args.batch_size, num_workers=args.workers
     )
     dist_utils.barrier()
     t_features = time.perf_counter() - t0
@@ -418,7 +428,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=0, help="number of identities K")
     parser.add_argument("--overcluster", type=float, default=1.0, help="use m*K clusters (m >= 1) for an uncertain K")
     parser.add_argument("--estimate-k", default="", help="MIN:MAX: pick K by silhouette when K is unknown")
-    parser.add_argument("--extractor", default="", help="exported extractor folder, or a local weights file")
+    parser.add_argument(
+        "--extractor",
+        default="",
+        help="dlib (pretrained face descriptor, the default when the [faces] extra is installed), an exported "
+        "extractor folder, or a local weights file",
+    )
     parser.add_argument("--extractor-arch", default="", help="torchvision:<name> or timm:<name> for a third-party file")
     parser.add_argument("--size", type=int, default=0, help="input size for the feature model (default: its own)")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -455,7 +470,11 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     if not args.extractor:
-        raise ConfigError("--extractor is required: train one with `segue cluster fit-extractor` or give local weights")
+        if not dlib_available():
+            raise ConfigError(
+                f"--extractor is required: train one with `segue cluster fit-extractor`, or {INSTALL_HINT}"
+            )
+        args.extractor = DLIB
     dist_utils.init_if_launched()
     try:
         cluster(args)
