@@ -47,14 +47,18 @@ def features(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         )
         build_shards(cfg, show_progress=False)
     model, meta = load_feature_model("dlib")
-    t0 = time.perf_counter()
-    counts = extract_features(str(shards / "train"), model, work, image_size=None, num_workers=1)
-    seconds = time.perf_counter() - t0
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    # num_workers=0: decoding in this process too, so its CPU time is the whole per-face cost.
+    counts = extract_features(str(shards / "train"), model, work, image_size=None, num_workers=0)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     embedded = counts["samples"]
     return {
         "counts": counts,
         "seconds": seconds,
-        "faces_per_s_per_core": embedded / seconds if embedded else None,
+        "cpu_seconds": cpu_seconds,
+        # Per core = per CPU-second of this one process: on a shared machine wall time also counts other jobs.
+        "faces_per_cpu_second": embedded / cpu_seconds if embedded else None,
+        "faces_per_wall_second": embedded / seconds if embedded else None,
         "feature_model_sha256": meta["sha256"],
     }
 

@@ -44,9 +44,9 @@ from segue_dist.data.loader import (
 from segue_dist.data.sidecar import write_sidecar
 from segue_dist.kmeans import KMeansConfig, estimate_k, fit_kmeans, fit_kmeans_distributed, overcluster_k
 from segue_dist.metrics.clustering import clustering_report
-from segue_dist.models.classifiers import Normalize
 from segue_dist.models.embedding import CosineMarginHead, EmbedderConfig, FaceEmbedder
 from segue_dist.models.face_dlib import INSTALL_HINT, DlibFeatures, FaceModelUnavailable, dlib_available, weights_sha256
+from segue_dist.models.third_party import TorchvisionFeatures, third_party_backbone
 from segue_dist.utils import dist as dist_utils
 from segue_dist.utils.io import atomic_write_json, read_json, remove_stale_temps
 from segue_dist.utils.progress import console, make_progress, print_table
@@ -139,21 +139,6 @@ def export_extractor(model: FaceEmbedder, cfg: ExtractorTrainConfig, identities:
     return weights
 
 
-class TorchvisionFeatures(nn.Module):
-    """Penultimate features of a local torchvision/timm checkpoint, L2-normalised; input [0, 1] images."""
-
-    def __init__(self, backbone: nn.Module, image_size: int) -> None:
-        super().__init__()
-        self.normalize = Normalize()
-        self.backbone = backbone
-        self.image_size = image_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
-        return F.normalize(self.backbone(self.normalize(x)).flatten(1).float(), dim=1)
-
-
 def load_feature_model(path: str, arch: str = "", image_size: int = 0) -> tuple[nn.Module, dict[str, Any]]:
     """``dlib`` (the pretrained face descriptor of the [faces] extra), an exported extractor folder/file, or
     ``arch`` = ``torchvision:<name>`` / ``timm:<name>`` with local weights."""
@@ -175,42 +160,13 @@ def load_feature_model(path: str, arch: str = "", image_size: int = 0) -> tuple[
         model = FaceEmbedder(EmbedderConfig(**meta["embedder"]))
         load_state_strict(model, load_file(str(weights)), str(weights))
         return model.eval(), {**meta, "sha256": file_sha256(weights)}
-    backbone = _third_party_backbone(arch, weights)
+    backbone = third_party_backbone(arch, weights)
     size = image_size or 112
     return TorchvisionFeatures(backbone, size).eval(), {
         "arch": arch,
         "sha256": file_sha256(weights),
         "image_size": size,
     }
-
-
-def _third_party_backbone(arch: str, weights: Path) -> nn.Module:
-    family, _, name = arch.partition(":")
-    if weights.suffix == ".safetensors":
-        state = load_file(str(weights))
-    else:
-        state = torch.load(str(weights), map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if family == "torchvision":
-        import torchvision
-
-        model = torchvision.models.get_model(name, weights=None)
-        model.load_state_dict(state, strict=True)
-        for head in ("fc", "classifier", "head", "heads"):
-            if hasattr(model, head):
-                setattr(model, head, nn.Identity())
-                break
-        return model
-    if family == "timm":
-        try:
-            import timm
-        except ImportError:
-            raise ConfigError("extractor arch timm:* needs the timm package (pip install timm)") from None
-        model = timm.create_model(name, pretrained=False)
-        model.load_state_dict(state, strict=True)
-        model.reset_classifier(0)
-        return model
-    raise ConfigError(f"--extractor-arch must be torchvision:<name> or timm:<name>, got {arch!r}")
 
 
 # ------------------------------------------------------------------------------------------------------ features
@@ -355,7 +311,7 @@ def cluster(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     rank = dist_utils.rank()
     seed_everything(args.seed)
-    model, model_meta = load_feature_model(args.extractor, args.extractor_arch, args.size)
+    model, model_meta = load_feature_model(default_extractor(args.extractor), args.extractor_arch, args.size)
     image_size = args.size or int(model_meta.get("embedder", {}).get("image_size", 0) or model_meta["image_size"])
     t0 = time.perf_counter()
     counts = extract_features(
@@ -396,6 +352,15 @@ def cluster(args: argparse.Namespace) -> dict[str, Any]:
         atomic_write_json(out / "cluster_summary.json", summary)
         console.print(f"labelled {len(keys)} samples into {k} clusters -> {out / 'pseudo_labels.json'}")
     return summary
+
+
+def default_extractor(extractor: str) -> str:
+    """No --extractor: the pretrained dlib descriptor when the [faces] extra is installed, else a one-line error."""
+    if extractor:
+        return extractor
+    if not dlib_available():
+        raise ConfigError(f"--extractor is required: train one with `segue cluster fit-extractor`, or {INSTALL_HINT}")
+    return DLIB
 
 
 def choose_k(args: argparse.Namespace, out: Path) -> int:
@@ -469,12 +434,6 @@ def run(args: argparse.Namespace) -> int:
             f"extractor: {weights} (train accuracy {last['train_accuracy']:.1%} over {meta['identities']} identities)"
         )
         return 0
-    if not args.extractor:
-        if not dlib_available():
-            raise ConfigError(
-                f"--extractor is required: train one with `segue cluster fit-extractor`, or {INSTALL_HINT}"
-            )
-        args.extractor = DLIB
     dist_utils.init_if_launched()
     try:
         cluster(args)
