@@ -317,7 +317,7 @@ def cluster(args: argparse.Namespace) -> dict[str, Any]:
     counts = extract_features(
         args.shards, model, out, image_size=image_size or None, batch_size=args.batch_size, num_workers=args.workers
     )
-    dist_utils.barrier()
+    counts = sum_over_ranks(counts)  # also a barrier: every rank's features are on disk after it
     t_features = time.perf_counter() - t0
     k = choose_k(args, out)
     kcfg = KMeansConfig(k=k, niter=args.niter, seed=args.seed, backend=args.backend)
@@ -352,6 +352,15 @@ def cluster(args: argparse.Namespace) -> dict[str, Any]:
         atomic_write_json(out / "cluster_summary.json", summary)
         console.print(f"labelled {len(keys)} samples into {k} clusters -> {out / 'pseudo_labels.json'}")
     return summary
+
+
+def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Per-rank feature counts (samples, skipped, faces found, fallbacks) summed, so the summary covers all ranks."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return counts
+    gathered: list[Any] = [None] * dist_utils.world_size()
+    dist.all_gather_object(gathered, counts)
+    return {key: sum(int(part.get(key, 0)) for part in gathered) for key in counts}
 
 
 def default_extractor(extractor: str) -> str:

@@ -119,5 +119,20 @@ def test_default_extractor_is_dlib_and_clusters_a_small_lfw_subset(faces_root: P
     summary = cluster(cluster_args(shards / "train", 8, "", tmp_path / "pseudo"))  # no --extractor: dlib
     features = summary["features"]
     assert summary["samples_labelled"] == 40 == features["faces_detected"] + features["no_face_fallback"]
-    # Measured: DLIB_MEASURED. Random labels (8 clusters, 40 samples) score up to about 40% under Hungarian matching.
+    # Measured: 100% (40 of 40 faces detected). Random labels (8 clusters, 40 samples) reach about 40% under
+    # Hungarian matching, so the bound also fails if the features stop carrying identity.
     assert summary["quality"]["accuracy"] > DLIB_SUBSET_MIN_ACCURACY, summary["quality"]
+
+    # Two processes (one per core, the way to use more cores: dlib runs one image at a time): each rank embeds its
+    # own shards and the summary counts every rank's faces, not just rank 0's.
+    two = tmp_path / "two"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29614",
+        "-m", "segue_dist.cluster", "--shards", str(shards / "train"), "--k", "8", "--out", str(two),
+        "--workers", "1", "--backend", "torch",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary2 = json.loads((two / "cluster_summary.json").read_text())
+    assert summary2["world_size"] == 2 and summary2["features"]["samples"] == 40, summary2["features"]
+    assert summary2["quality"]["accuracy"] > DLIB_SUBSET_MIN_ACCURACY, summary2["quality"]
