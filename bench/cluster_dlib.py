@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python bench/cluster_dlib.py --name lfw62 --min-per-identity 20 \
         --k 62 --out bench/results/cluster_dlib/lfw62.json
+    ... --name lfw62_pipeline64 --min-per-identity 20 --max-per-identity 50 --test-per-identity 5 --size 64 --k 62 \
+        --out bench/results/cluster_dlib/lfw62_pipeline64.json   (the README's LFW-62 training shards)
     ... --name lfw423 --min-per-identity 5 --k 423 --out bench/results/cluster_dlib/lfw423.json
 
 Builds the shard set at the stored size (no resize: dlib detects and aligns the face itself) under --work (ignored
@@ -42,6 +44,8 @@ def features(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             out=str(shards),
             min_per_identity=args.min_per_identity,
             max_per_identity=args.max_per_identity,
+            test_per_identity=args.test_per_identity,
+            size=[args.size] if args.size else [],
             samples_per_shard=args.samples_per_shard,
             workers=1,
         )
@@ -92,6 +96,8 @@ def main() -> int:
     parser.add_argument("--faces", default=os.environ.get("SEGUE_FACES", str(REPO.parent / "shared" / "data")))
     parser.add_argument("--min-per-identity", type=int, default=20)
     parser.add_argument("--max-per-identity", type=int, default=0)
+    parser.add_argument("--test-per-identity", type=int, default=0, help="held out (not clustered), as a pipeline does")
+    parser.add_argument("--size", type=int, default=0, help="resize the shards (0 = stored size)")
     parser.add_argument("--samples-per-shard", type=int, default=500)
     parser.add_argument("--k", type=int, required=True, help="the true number of identities")
     parser.add_argument("--overcluster", type=float, nargs="*", default=[1.5, 2.0])
@@ -105,7 +111,12 @@ def main() -> int:
     result = {
         "name": args.name,
         "extractor": "dlib (HOG + 5-point alignment + ResNet descriptor, face-recognition-models 0.3.0)",
-        "selection": {"min_per_identity": args.min_per_identity, "max_per_identity": args.max_per_identity},
+        "selection": {
+            "min_per_identity": args.min_per_identity,
+            "max_per_identity": args.max_per_identity,
+            "test_per_identity": args.test_per_identity,
+            "size": args.size or "stored (250 px)",
+        },
         "features": feats,
         "clustering": cluster_rows(work, args.k, args.overcluster, args.seed, not args.no_estimate_k),
         "machine": {
