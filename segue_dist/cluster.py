@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -44,8 +43,9 @@ from segue_dist.data.loader import (
 from segue_dist.data.sidecar import write_sidecar
 from segue_dist.kmeans import KMeansConfig, estimate_k, fit_kmeans, fit_kmeans_distributed, overcluster_k
 from segue_dist.metrics.clustering import clustering_report
-from segue_dist.models.classifiers import Normalize
 from segue_dist.models.embedding import CosineMarginHead, EmbedderConfig, FaceEmbedder
+from segue_dist.models.face_dlib import INSTALL_HINT, DlibFeatures, FaceModelUnavailable, dlib_available, weights_sha256
+from segue_dist.models.third_party import TorchvisionFeatures, third_party_backbone
 from segue_dist.supervised import supervised_epoch
 from segue_dist.utils import dist as dist_utils
 from segue_dist.utils.io import atomic_write_json, read_json, remove_stale_temps
@@ -53,6 +53,7 @@ from segue_dist.utils.progress import console, make_progress, print_table
 from segue_dist.utils.seed import seed_everything
 
 EXTRACTOR_FORMAT = "segue-extractor/1"
+DLIB = "dlib"  # --extractor value of the pretrained dlib face descriptor (segue_dist/models/face_dlib.py)
 
 # ------------------------------------------------------------------------------------------- feature extractor
 
@@ -141,23 +142,15 @@ def export_extractor(model: FaceEmbedder, cfg: ExtractorTrainConfig, identities:
     return weights
 
 
-class TorchvisionFeatures(nn.Module):
-    """Penultimate features of a local torchvision/timm checkpoint, L2-normalised; input [0, 1] images."""
-
-    def __init__(self, backbone: nn.Module, image_size: int) -> None:
-        super().__init__()
-        self.normalize = Normalize()
-        self.backbone = backbone
-        self.image_size = image_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
-        return F.normalize(self.backbone(self.normalize(x)).flatten(1).float(), dim=1)
-
-
 def load_feature_model(path: str, arch: str = "", image_size: int = 0) -> tuple[nn.Module, dict[str, Any]]:
-    """An exported extractor folder/file, or ``arch`` = ``torchvision:<name>`` / ``timm:<name>`` with local weights."""
+    """``dlib`` (the pretrained face descriptor of the [faces] extra), an exported extractor folder/file, or
+    ``arch`` = ``torchvision:<name>`` / ``timm:<name>`` with local weights."""
+    if path == DLIB:
+        try:
+            # image_size 0: dlib sees the stored pixels (it detects and aligns the face itself).
+            return DlibFeatures().eval(), {"extractor": DLIB, "sha256": weights_sha256(), "image_size": 0}
+        except FaceModelUnavailable as exc:
+            raise ConfigError(str(exc)) from None
     weights = Path(path)
     if weights.is_dir():
         weights = weights / "extractor.safetensors"
@@ -170,42 +163,13 @@ def load_feature_model(path: str, arch: str = "", image_size: int = 0) -> tuple[
         model = FaceEmbedder(EmbedderConfig(**meta["embedder"]))
         load_state_strict(model, load_file(str(weights)), str(weights))
         return model.eval(), {**meta, "sha256": file_sha256(weights)}
-    backbone = _third_party_backbone(arch, weights)
+    backbone = third_party_backbone(arch, weights)
     size = image_size or 112
     return TorchvisionFeatures(backbone, size).eval(), {
         "arch": arch,
         "sha256": file_sha256(weights),
         "image_size": size,
     }
-
-
-def _third_party_backbone(arch: str, weights: Path) -> nn.Module:
-    family, _, name = arch.partition(":")
-    if weights.suffix == ".safetensors":
-        state = load_file(str(weights))
-    else:
-        state = torch.load(str(weights), map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if family == "torchvision":
-        import torchvision
-
-        model = torchvision.models.get_model(name, weights=None)
-        model.load_state_dict(state, strict=True)
-        for head in ("fc", "classifier", "head", "heads"):
-            if hasattr(model, head):
-                setattr(model, head, nn.Identity())
-                break
-        return model
-    if family == "timm":
-        try:
-            import timm
-        except ImportError:
-            raise ConfigError("extractor arch timm:* needs the timm package (pip install timm)") from None
-        model = timm.create_model(name, pretrained=False)
-        model.load_state_dict(state, strict=True)
-        model.reset_classifier(0)
-        return model
-    raise ConfigError(f"--extractor-arch must be torchvision:<name> or timm:<name>, got {arch!r}")
 
 
 # ------------------------------------------------------------------------------------------------------ features
@@ -221,12 +185,15 @@ def extract_features(
     model: nn.Module,
     out: Path,
     *,
-    image_size: int,
+    image_size: int | None,
     batch_size: int = 256,
     num_workers: int = 2,
     show_progress: bool = True,
 ) -> dict[str, int]:
-    """Embed this rank's shards; one safetensors + JSON per shard (JSON last = finished). Returns counts."""
+    """Embed this rank's shards; one safetensors + JSON per shard (JSON last = finished). Returns counts.
+
+    ``image_size`` None feeds the stored size. A model with ``counts`` (dlib: faces found / fallbacks) adds them.
+    """
     rank, world = dist_utils.rank(), dist_utils.world_size()
     device = dist_utils.best_device()
     model = model.to(device).eval()
@@ -261,7 +228,7 @@ def extract_features(
                 counts["skipped"] += len(pending[end.shard]["bad"])
                 _write_shard_features(out, end.shard, pending.pop(end.shard))
             progress.update(task, advance=len(good) + len(bad))
-    return counts
+    return {**counts, **getattr(model, "counts", {})}
 
 
 def _collect(bucket: dict[str, list], record: Record, row: torch.Tensor) -> None:
@@ -340,15 +307,13 @@ def cluster(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     rank = dist_utils.rank()
     seed_everything(args.seed)
-    model, model_meta = load_feature_model(args.extractor, args.extractor_arch, args.size)
-    image_size = args.size or int(
-        model_meta.get("embedder", {}).get("image_size", 0) or model_meta.get("image_size", 112)
-    )
+    model, model_meta = load_feature_model(default_extractor(args.extractor), args.extractor_arch, args.size)
+    image_size = args.size or int(model_meta.get("embedder", {}).get("image_size", 0) or model_meta["image_size"])
     t0 = time.perf_counter()
     counts = extract_features(
-        args.shards, model, out, image_size=image_size, batch_size=args.batch_size, num_workers=args.workers
+        args.shards, model, out, image_size=image_size or None, batch_size=args.batch_size, num_workers=args.workers
     )
-    dist_utils.barrier()
+    counts = sum_over_ranks(counts)  # also a barrier: every rank's features are on disk after it
     t_features = time.perf_counter() - t0
     k = choose_k(args, out)
     kcfg = KMeansConfig(k=k, niter=args.niter, seed=args.seed, backend=args.backend)
@@ -385,6 +350,24 @@ def cluster(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Per-rank feature counts (samples, skipped, faces found, fallbacks) summed, so the summary covers all ranks."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return counts
+    gathered: list[Any] = [None] * dist_utils.world_size()
+    dist.all_gather_object(gathered, counts)
+    return {key: sum(int(part.get(key, 0)) for part in gathered) for key in counts}
+
+
+def default_extractor(extractor: str) -> str:
+    """No --extractor: the pretrained dlib descriptor when the [faces] extra is installed, else a one-line error."""
+    if extractor:
+        return extractor
+    if not dlib_available():
+        raise ConfigError(f"--extractor is required: train one with `segue cluster fit-extractor`, or {INSTALL_HINT}")
+    return DLIB
+
+
 def choose_k(args: argparse.Namespace, out: Path) -> int:
     if args.k and not args.estimate_k:
         return overcluster_k(args.k, args.overcluster) if args.overcluster > 1 else args.k
@@ -415,7 +398,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=0, help="number of identities K")
     parser.add_argument("--overcluster", type=float, default=1.0, help="use m*K clusters (m >= 1) for an uncertain K")
     parser.add_argument("--estimate-k", default="", help="MIN:MAX: pick K by silhouette when K is unknown")
-    parser.add_argument("--extractor", default="", help="exported extractor folder, or a local weights file")
+    parser.add_argument(
+        "--extractor",
+        default="",
+        help="dlib (pretrained face descriptor, the default when the [faces] extra is installed), an exported "
+        "extractor folder, or a local weights file",
+    )
     parser.add_argument("--extractor-arch", default="", help="torchvision:<name> or timm:<name> for a third-party file")
     parser.add_argument("--size", type=int, default=0, help="input size for the feature model (default: its own)")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -451,8 +439,6 @@ def run(args: argparse.Namespace) -> int:
             f"extractor: {weights} (train accuracy {last['train_accuracy']:.1%} over {meta['identities']} identities)"
         )
         return 0
-    if not args.extractor:
-        raise ConfigError("--extractor is required: train one with `segue cluster fit-extractor` or give local weights")
     dist_utils.init_if_launched()
     try:
         cluster(args)

@@ -129,18 +129,30 @@ def run_pipeline(args: argparse.Namespace) -> dict[str, float]:
               "--seed", str(args.seed), "--workers", "1")  # fmt: skip
 
     def stage_pseudo_labels() -> None:
-        # Other people (a different seed draws different looks) train the feature extractor: the paper's
-        # CelebA-trained model, i.e. identities disjoint from the ones being protected.
-        write_demo_corpus(out / "corpus_others", args.identities * 2, args.per_identity // 2, args.size, args.seed + 1)
-        segue("shards", "build", "--src", str(out / "corpus_others"), "--out", str(out / "shards_others"),
-              "--samples-per-shard", str(args.samples_per_shard), "--workers", "1")  # fmt: skip
-        if not done(out / "extractor" / "extractor.json"):
-            segue("cluster", "fit-extractor", "--shards", str(out / "shards_others" / "train"),
-                  "--out", str(out / "extractor"), "--size", str(args.size), "--epochs", str(args.extractor_epochs), "--workers", "1",
-                  "--small-stem", "off")  # fmt: skip
+        from segue_dist.models.face_dlib import dlib_available
+
+        extractor = "dlib"
+        if dlib_available():
+            # The pretrained dlib descriptor, as on real faces. The cartoons are not photos: dlib finds a face in
+            # 50 of 500 and embeds the centred crop of the rest. Measured (seed 0): 24.4% clustering accuracy, NMI
+            # 0.12, against 21.4% / 0.11 for the extractor trained below (chance 10%): no worse, and no training.
+            console.print("pseudo-labels: dlib face descriptor (the cartoons are not photos: expect few detections)")
+        else:
+            # Other people (a different seed draws different looks) train the feature extractor: the paper's
+            # CelebA-trained model, i.e. identities disjoint from the ones being protected.
+            extractor = str(out / "extractor")
+            write_demo_corpus(
+                out / "corpus_others", args.identities * 2, args.per_identity // 2, args.size, args.seed + 1
+            )
+            segue("shards", "build", "--src", str(out / "corpus_others"), "--out", str(out / "shards_others"),
+                  "--samples-per-shard", str(args.samples_per_shard), "--workers", "1")  # fmt: skip
+            if not done(out / "extractor" / "extractor.json"):
+                segue("cluster", "fit-extractor", "--shards", str(out / "shards_others" / "train"),
+                      "--out", extractor, "--size", str(args.size), "--epochs", str(args.extractor_epochs), "--workers", "1",
+                      "--small-stem", "off")  # fmt: skip
         if not done(out / "pseudo" / "pseudo_labels.json"):
             segue("cluster", "--shards", str(shards / "train"), "--k", str(args.identities),
-                  "--extractor", str(out / "extractor"), "--out", str(out / "pseudo"), "--workers", "1")  # fmt: skip
+                  "--extractor", extractor, "--out", str(out / "pseudo"), "--workers", "1")  # fmt: skip
 
     def stage_train() -> None:
         if done(out / "generator" / "generator.json"):
