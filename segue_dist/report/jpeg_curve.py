@@ -133,7 +133,9 @@ def _jpeg_svg(
     for q, label in [*((q, str(q)) for q in qs), (q1, NONE_LABEL)]:
         x, _ = xy(q, 0)
         parts.append(f'<text x="{x}" y="{y0 + 16}" text-anchor="middle">{label}</text>')
-    parts.append(f'<text x="{(x0 + x1) / 2}" y="{height - 10}" text-anchor="middle">JPEG quality (none = no attack)</text>')
+    parts.append(
+        f'<text x="{(x0 + x1) / 2}" y="{height - 10}" text-anchor="middle">JPEG quality (none = no attack)</text>'
+    )
     _, yc = xy(q0, chance)
     parts.append(f'<line x1="{x0}" y1="{yc}" x2="{x1}" y2="{yc}" stroke="grey" stroke-dasharray="4 3"/>')
     styles = line_styles(list(curves))
@@ -154,7 +156,9 @@ def _svg_line(
     out = [f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="{width}"/>']
     if none is not None:
         (xa, ya), (xb, yb) = xy(*points[-1]), xy(xn, none)
-        out.append(f'<line x1="{xa:.1f}" y1="{ya:.1f}" x2="{xb:.1f}" y2="{yb:.1f}" stroke="{colour}" stroke-dasharray="2 3"/>')
+        out.append(
+            f'<line x1="{xa:.1f}" y1="{ya:.1f}" x2="{xb:.1f}" y2="{yb:.1f}" stroke="{colour}" stroke-dasharray="2 3"/>'
+        )
         r = 5 if is_segue(method) else 3.5
         out.append(f'<circle class="none-point" cx="{xb:.1f}" cy="{yb:.1f}" r="{r}" fill="{colour}"/>')
     return out

@@ -55,7 +55,6 @@ class Runtime:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-
 def silence_broadcast_buffers_deprecation() -> None:
     """Hide torch >= 2.13's FutureWarning for DDP's ``broadcast_buffers``, which we set on purpose.
 
@@ -64,6 +63,7 @@ def silence_broadcast_buffers_deprecation() -> None:
     ``broadcast_buffers=False`` in that case. Only this message is filtered; every other FutureWarning still shows.
     """
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+
 
 def deepspeed_requested(cfg: TrainConfig) -> str:
     """The DeepSpeed JSON to use: `deepspeed=` in the config, or the one an Accelerate DeepSpeed config names."""
