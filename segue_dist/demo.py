@@ -58,6 +58,8 @@ def training_launcher(processes: int) -> list[str]:
     """
     import torch
 
+    from segue_dist.site.local import free_port
+
     accelerate = str(Path(sys.executable).parent / "accelerate")
     gpus = torch.cuda.device_count()
     if gpus >= 2:
@@ -68,7 +70,9 @@ def training_launcher(processes: int) -> list[str]:
         config, n = "cpu_2proc.yaml", processes
     launch = [accelerate, "launch", "--config_file", str(REPO / "configs/accelerate" / config)]
     if n > 1:
-        launch += ["--num_processes", str(n)]
+        # A free port, not the config's 29500: another run (or a stale one) holding 29500 makes Accelerate print
+        # "Port 29500 is already in use", which reads as an error.
+        launch += ["--num_processes", str(n), "--main_process_port", str(free_port())]
     return [*launch, "-m", "segue_dist.train"]
 
 

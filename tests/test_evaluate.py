@@ -361,7 +361,10 @@ def test_sweep_resumes_and_report_renders(tiny: Path, tmp_path: Path, monkeypatc
         assert heading in text
     assert "data:image/png;base64," in page.read_text()
     grid = Image.open(tmp_path / "report" / "figures" / "grid_tiny.png")
-    assert grid.size == (3 * 116 + 4, 22 + 3 * 116 + 4)  # 3 samples x (clean | protected | residual), 112 px cells
+    # A 120 px label column, then 3 samples as columns; rows: clean | protected | residual; 112 px cells, 4 px gaps.
+    assert grid.size == (120 + 3 * 116 + 4, 3 * 116 + 4)
+    label_column = np.asarray(grid.convert("L"))[:, :116]
+    assert (label_column < 128).any(axis=1).sum() > 20  # the row labels are drawn (dark text on white)
     assert Image.open(next((tmp_path / "report" / "figures").glob("jpeg_tiny.*"))).size[0] > 100
 
 
@@ -409,8 +412,29 @@ def test_time_table_reads_protect_stats_and_svg_fallback(tmp_path: Path) -> None
         ["ue", "15", "30.00", "2000.00", "cpu"],
         ["segue", "15", "2.00", "133.33", "cpu-fp32-per-image"],
     ]
-    svg = _jpeg_svg({"clean": [(10, 40.0), (90, 50.0)], "segue": [(10, 5.0), (90, 4.0)]}, 4.2, "JPEG <test>")
-    assert ET.fromstring(svg).tag.endswith("svg") and svg.count("<polyline") == 2
+    curves = {"segue": [(10, 5.0), (90, 4.0)], "clean": [(10, 40.0), (90, 50.0)], "lsp": [(10, 20.0), (90, 6.0)]}
+    svg = _jpeg_svg(curves, 4.2, "JPEG <test>", none={"clean": 55.0, "segue": 3.0})
+    root = ET.fromstring(svg)
+    assert root.tag.endswith("svg") and svg.count("<polyline") == 3
+    assert ">none<" in svg and svg.count('class="none-point"') == 2  # no-attack points of the two methods that have one
+    lines = [e for e in root.iter() if e.tag.endswith("polyline")]
+    # Segue is drawn last (on top), thicker, in a colour no other line has.
+    assert float(lines[-1].get("stroke-width")) > max(float(e.get("stroke-width")) for e in lines[:-1])
+    assert lines[-1].get("stroke") not in {e.get("stroke") for e in lines[:-1]}
+
+
+def test_residual_tile_keeps_sign_and_levels_without_saturating() -> None:
+    from segue_dist.report import residual_tile
+
+    clean = torch.full((3, 3, 3), 128, dtype=torch.uint8)
+    delta = torch.arange(-4, 5, dtype=torch.int16).view(1, 3, 3).expand(3, 3, 3)  # -4/255 .. +4/255
+    tile = residual_tile((clean.short() + delta).to(torch.uint8), clean).short()
+    assert len(tile.unique()) == 9  # one grey level per δ value (a gain of 30 on |δ|: 5)
+    assert int(tile[0, 1, 1]) == 128 and int(tile[0, 0, 0]) == 0 and int(tile[0, 2, 2]) == 255  # 0 mid-grey, ± ends
+    inner = delta.abs() < 4
+    assert ((tile[inner] > 0) & (tile[inner] < 255)).all()  # only the largest |δ| reaches the ends
+    assert (tile[delta > 0] > 128).all() and (tile[delta < 0] < 128).all()  # the sign is visible
+    assert (residual_tile(clean, clean) == 128).all()  # no perturbation: flat grey, no division by zero
 
 
 def test_goals_table_holds_segue_rows_to_the_targets() -> None:

@@ -97,7 +97,8 @@ def write_baseline(cfg: BaselineConfig, show_progress: bool = True) -> dict[str,
     seed_everything(cfg.seed)
     gen_start = time.perf_counter()
     with make_progress(disable=not show_progress) as progress:
-        task = progress.add_task(f"generating {cfg.method}", total=None)
+        # The total is the image count, so the finished bar reads "n/n" and not "0/?".
+        task = progress.add_task(f"generating {cfg.method}", total=len(data.keys))
         if library_method == "ue":
             options.setdefault(
                 "progress_callback", lambda rnd, acc: progress.update(task, info=f"round {rnd} surrogate acc {acc:.3f}")
@@ -113,6 +114,7 @@ def write_baseline(cfg: BaselineConfig, show_progress: bool = True) -> dict[str,
             keys=data.keys,
             **options,
         )
+        progress.update(task, completed=len(data.keys))
     generation_s = time.perf_counter() - gen_start
     # The integer clamp makes the bound exact at any ε, k/255 or not (e.g. 0.03 = 7.65 levels -> 7).
     protected = quantise_protected(data.images, delta.cpu(), eps_levels(cfg.eps))

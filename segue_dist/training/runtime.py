@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,16 @@ class Runtime:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def silence_broadcast_buffers_deprecation() -> None:
+    """Hide torch >= 2.13's FutureWarning for DDP's ``broadcast_buffers``, which we set on purpose.
+
+    Accelerate's DistributedDataParallelKwargs has no ``forward_sync_buffers`` (the replacement), and the replacement
+    would also sync buffers at init, which ``broadcast_buffers=False`` does not: the warning itself says to keep
+    ``broadcast_buffers=False`` in that case. Only this message is filtered; every other FutureWarning still shows.
+    """
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+
+
 def deepspeed_requested(cfg: TrainConfig) -> str:
     """The DeepSpeed JSON to use: `deepspeed=` in the config, or the one an Accelerate DeepSpeed config names."""
     if cfg.deepspeed:
@@ -85,6 +96,7 @@ def make_runtime(cfg: TrainConfig) -> Runtime:
 
     # broadcast_buffers=False: BatchNorm buffers are re-broadcast on every forward otherwise, which breaks the
     # second forward of a step (the PGD distortion runs f before the loss does).
+    silence_broadcast_buffers_deprecation()
     accelerator = Accelerator(
         mixed_precision="no",
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
