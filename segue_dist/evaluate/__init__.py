@@ -14,10 +14,12 @@ Actions::
 Victims load the training set into memory as uint8 (small evaluation sets: LFW-62 at 64 px is ~35 MB) or, above
 ``train.memory_limit_gb``, stream it with the WebDataset ``TrainStream``. The attacker's transforms live in
 ``segue_dist.attacks``; a sweep runs every (method x victim x attack) row, writes one JSON per row, and resumes by
-skipping rows whose JSON exists with the same settings.
+skipping rows whose JSON exists with the same settings. The victim ``dlib_enrolment`` trains nothing: it enrols the
+training set with dlib's pretrained face descriptor (the ``[faces]`` extra) and identifies the clean test set by
+nearest neighbour, class mean and a linear probe (one row per method, group ``enrolment``).
 
 Modules: :mod:`.config` (dataclasses), :mod:`.data` (in-memory sets, feeds), :mod:`.victim` (the training loop),
-:mod:`.quality` (image quality by key), :mod:`.baseline` (UE / LSP / random copies), :mod:`.sweep`, :mod:`.cli`.
+:mod:`.quality` (image quality by key), :mod:`.enrolment` (the pretrained-recogniser row), :mod:`.baseline` (UE / LSP / random copies), :mod:`.sweep`, :mod:`.cli`.
 Everything public is re-exported here.
 """
 
@@ -27,6 +29,8 @@ from segue_dist.evaluate.baseline import BASELINE_STATS, baseline_is_complete, v
 from segue_dist.evaluate.cli import add_arguments, main, run
 from segue_dist.evaluate.config import (
     BASELINE_METHODS,
+    ENROLMENT_GROUP,
+    ENROLMENT_VICTIMS,
     BaselineConfig,
     DataSpec,
     MethodSpec,
@@ -45,6 +49,7 @@ from segue_dist.evaluate.data import (
     mix_partial,
     prepare_data,
 )
+from segue_dist.evaluate.enrolment import EmbeddingCache, embed_split, run_enrolment
 from segue_dist.evaluate.quality import image_quality_between, iter_pairs, load_lpips, run_quality
 from segue_dist.evaluate.sweep import Row, method_train_dir, plan_rows, print_results_table, run_sweep
 from segue_dist.evaluate.victim import build_optimizer, row_name, run_victim, test_accuracy, train_victim
@@ -53,6 +58,9 @@ __all__ = [
     "BASELINE_METHODS",
     "BASELINE_STATS",
     "BaselineConfig",
+    "ENROLMENT_GROUP",
+    "ENROLMENT_VICTIMS",
+    "EmbeddingCache",
     "DataSpec",
     "ImageSet",
     "MemoryFeed",
@@ -68,6 +76,7 @@ __all__ = [
     "add_arguments",
     "baseline_is_complete",
     "build_optimizer",
+    "embed_split",
     "image_quality_between",
     "iter_pairs",
     "load_image_set",
@@ -80,6 +89,7 @@ __all__ = [
     "print_results_table",
     "row_name",
     "run",
+    "run_enrolment",
     "run_quality",
     "run_sweep",
     "run_victim",

@@ -21,6 +21,11 @@ BASELINE_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# Victims that train nothing: a pretrained recogniser enrols the training set (segue_dist.evaluate.enrolment).
+ENROLMENT_VICTIMS = ("dlib_enrolment",)
+ENROLMENT_GROUP = "enrolment"  # their rows' tags.group: a report table of their own, beside the robustness tables
+
+
 # ------------------------------------------------------------------------------------------------------------ configs
 
 
@@ -144,7 +149,8 @@ class DataSpec:
 
 @dataclass
 class SweepConfig:
-    """A table's worth of victims: every method x victim x attack row."""
+    """A table's worth of victims: every method x victim x attack row. An enrolment victim (``dlib_enrolment``)
+    trains nothing, so it gets one row per method (attack ``none``) whatever ``attacks`` lists."""
 
     name: str = ""
     out: str = ""  # default runs/eval/<name>
@@ -175,8 +181,9 @@ class SweepConfig:
             raise ValueError(f"victims must be a non-empty list without repeats, got {self.victims}")
         from segue_dist.models.classifiers import ARCHITECTURES
 
-        unknown = [v for v in self.victims if v not in ARCHITECTURES]
+        allowed = [*ARCHITECTURES, *ENROLMENT_VICTIMS]
+        unknown = [v for v in self.victims if v not in allowed]
         if unknown:
-            raise ValueError(f"unknown victim {unknown[0]!r}; allowed: {', '.join(ARCHITECTURES)}")
+            raise ValueError(f"unknown victim {unknown[0]!r}; allowed: {', '.join(allowed)}")
         if not self.out:
             self.out = f"runs/eval/{self.name}"

@@ -114,7 +114,7 @@ def mix_partial(protected: ImageSet, clean: ImageSet, fraction: float, seed: int
     return mixed, sum(chosen)
 
 
-def _check_label_maps(train: dict[str, int], test: dict[str, int], where: str) -> None:
+def check_label_maps(train: dict[str, int], test: dict[str, int], where: str) -> None:
     if train and test and train != test:
         only = sorted(set(train.items()) ^ set(test.items()))[:2]
         raise ValueError(f"{where}: train and test label maps differ (e.g. {only}); build both splits together")
@@ -261,7 +261,7 @@ def prepare_data(
             raise ValueError("partial protection pairs samples by key and needs memory mode (train.mode=memory)")
         feed = StreamFeed(shard_set, cfg, attack)
         label_map, num_classes = shard_set.labels, shard_set.num_classes
-    _check_label_maps(label_map, test_set.labels, train_dir)
+    check_label_maps(label_map, test_set.labels, train_dir)
     test = TestFeed(test_dir, cfg, attack, in_memory=in_memory)
     if test.labels is not None and len(test.labels):
         num_classes = max(num_classes, int(test.labels.max()) + 1)

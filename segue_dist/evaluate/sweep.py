@@ -13,7 +13,8 @@ import torch
 from segue_dist.attacks import AttackerConfig
 from segue_dist.config import ConfigError, config_hash, save_resolved, to_dict
 from segue_dist.evaluate.baseline import BASELINE_STATS, baseline_is_complete, write_baseline
-from segue_dist.evaluate.config import BaselineConfig, MethodSpec, SweepConfig
+from segue_dist.evaluate.config import ENROLMENT_VICTIMS, BaselineConfig, MethodSpec, SweepConfig
+from segue_dist.evaluate.enrolment import EmbeddingCache, require_face_model, run_enrolment
 from segue_dist.evaluate.quality import run_quality
 from segue_dist.evaluate.victim import row_name, run_victim
 from segue_dist.utils.device import resolve_device
@@ -44,12 +45,19 @@ def method_train_dir(cfg: SweepConfig, method: MethodSpec) -> str:
     return path.replace("{size}", str(cfg.train.size or "native"))
 
 
+def _victim_attacks(cfg: SweepConfig, victim: str) -> list[AttackerConfig]:
+    # An enrolment victim trains nothing, so the attacker's transforms do not apply: one plain row per method.
+    if victim in ENROLMENT_VICTIMS:
+        return [next((a for a in cfg.attacks if a.group == "none"), AttackerConfig())]
+    return cfg.attacks
+
+
 def plan_rows(cfg: SweepConfig, only: str = "") -> list[Row]:
     rows = [
         Row(method, victim, attack, method_train_dir(cfg, method))
         for method in cfg.methods
         for victim in cfg.victims
-        for attack in cfg.attacks
+        for attack in _victim_attacks(cfg, victim)
     ]
     return [r for r in rows if not only or fnmatch.fnmatch(r.name, only)]
 
@@ -64,11 +72,15 @@ def _row_hash(cfg: SweepConfig, row: Row) -> str:
         "train": asdict(cfg.train),
         "seed": cfg.seed,
     }
+    if row.victim in ENROLMENT_VICTIMS:  # nothing is trained: only the image size of the train recipe matters
+        blob["train"] = {"size": cfg.train.size}
     return config_hash(blob)
 
 
 def _check_inputs(cfg: SweepConfig, rows: list[Row]) -> None:
-    """Fail before any training when an input that cannot be generated here is missing."""
+    """Fail before any training when an input that cannot be generated here (or the face model) is missing."""
+    if any(row.victim in ENROLMENT_VICTIMS for row in rows):
+        require_face_model()
     needed = {cfg.data.test: "data.test", cfg.data.clean_train: "data.clean_train"}
     for row in rows:
         if not row.method.baseline:
@@ -131,7 +143,8 @@ def run_sweep(cfg: SweepConfig, *, only: str = "", dry_run: bool = False, show_p
     device = resolve_device(cfg.device)
     baselines = ensure_baselines(cfg, rows, device, show_progress)
     quality = _sweep_quality(cfg, rows, device) if cfg.quality else {}
-    results = [_run_row(cfg, row, device, out, show_progress) for row in rows]
+    cache = EmbeddingCache()  # the clean test set is embedded once for every enrolment row
+    results = [_run_row(cfg, row, device, out, show_progress, cache) for row in rows]
     combined = {
         "kind": "sweep",
         "name": cfg.name,
@@ -150,7 +163,9 @@ def run_sweep(cfg: SweepConfig, *, only: str = "", dry_run: bool = False, show_p
     return combined
 
 
-def _run_row(cfg: SweepConfig, row: Row, device: torch.device, out: Path, show_progress: bool) -> dict[str, Any]:
+def _run_row(
+    cfg: SweepConfig, row: Row, device: torch.device, out: Path, show_progress: bool, cache: EmbeddingCache
+) -> dict[str, Any]:
     path = out / "rows" / f"{row.name}.json"
     digest = _row_hash(cfg, row)
     if path.is_file():
@@ -160,10 +175,17 @@ def _run_row(cfg: SweepConfig, row: Row, device: torch.device, out: Path, show_p
             return saved
         console.print(f"[yellow]rerun {row.name}: its settings changed since {path} was written[/]")
     tags = {"dataset": cfg.data.dataset, "method": row.method.name, "sweep": cfg.name, "source": row.method.source}
-    result = run_victim(
-        arch=row.victim, train_dir=row.train_dir, test_dir=cfg.data.test, cfg=cfg.train, attack=row.attack,
-        tags=tags, device=device, clean_train=cfg.data.clean_train, show_progress=show_progress,
-    )  # fmt: skip
+    if row.victim in ENROLMENT_VICTIMS:
+        console.print(f"enrolment {row.name}: embedding {row.train_dir} and {cfg.data.test} with dlib")
+        result = run_enrolment(
+            victim=row.victim, train_dir=row.train_dir, test_dir=cfg.data.test, size=cfg.train.size,
+            attack=row.attack, tags=tags, cache=cache,
+        )  # fmt: skip
+    else:
+        result = run_victim(
+            arch=row.victim, train_dir=row.train_dir, test_dir=cfg.data.test, cfg=cfg.train, attack=row.attack,
+            tags=tags, device=device, clean_train=cfg.data.clean_train, show_progress=show_progress,
+        )  # fmt: skip
     result["row_hash"] = digest
     atomic_write_json(path, result)
     return result

@@ -13,6 +13,7 @@ from segue_dist.report.tables import (
     Table,
     datasets_table,
     effectiveness_table,
+    enrolment_table,
     quality_table,
     robustness_tables,
     time_table,
@@ -72,7 +73,9 @@ def build_sections(results: Results, samples: int) -> tuple[list[tuple[str, list
             [t for t in [*(victims_table(results.victims, d) for d in datasets), datasets_table(results.victims)] if t],
         )
     )
-    sections.append(("Robustness", [t for d in datasets for t in robustness_tables(results.victims, d)]))
+    robustness = [t for d in datasets for t in robustness_tables(results.victims, d)]
+    robustness += [t for d in datasets if (t := enrolment_table(results.victims, d))]
+    sections.append(("Robustness", robustness))
     sections.append(("Image quality", [t for t in [quality_table(results.quality)] if t]))
     sections.append(("Efficiency", [t for t in [time_table(results)] if t]))
     return [(title, tables) for title, tables in sections if tables], build_figures(results, datasets, samples)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from segue_dist.data.shard_writer import STATS_SUFFIX
+from segue_dist.evaluate.config import ENROLMENT_GROUP
 from segue_dist.utils.io import read_json
 from segue_dist.utils.progress import console
 
@@ -93,7 +94,8 @@ def pick_rows(victims: list[dict[str, Any]], **tags: Any) -> list[dict[str, Any]
 
 
 def default_victim(victims: list[dict[str, Any]]) -> str:
-    names = {v["tags"]["victim"] for v in victims}
+    """The victim of the main tables: resnet18 when present, else the first trained one (not an enrolment row)."""
+    names = {v["tags"]["victim"] for v in victims if v["tags"].get("group") != ENROLMENT_GROUP}
     return DEFAULT_VICTIM if DEFAULT_VICTIM in names or not names else sorted(names)[0]
 
 
