@@ -47,6 +47,10 @@ on the GPU; the ε check is then against nvJPEG's decode of the input.
 
 Measured costs of each output format and where the time goes: ``docs/protect_benchmarks.md``.
 
+Folder mode (``--in PHOTOS/``, a photo tree instead of shards): :mod:`.folder` (one rank's share),
+:mod:`.folder_records` (listing, labels, journal, manifest), :mod:`.photo` (one photo: modes, face-scale δ, format);
+ε per format in ``docs/protect_folder.md``.
+
 Modules: :mod:`.options` (settings, worker counts), :mod:`.quantise` (ε levels, uint8 quantisation), :mod:`.stream`
 (input, size buckets), :mod:`.compute` (G), :mod:`.codecs` / :mod:`.gpu_codec` (encode + verify), :mod:`.output`
 (one shard), :mod:`.settings` (resume checks, labels), :mod:`.pipeline` (one rank's job), :mod:`.manifest`,
@@ -67,6 +71,8 @@ from segue_dist.protect.codecs import (
     measure,
 )
 from segue_dist.protect.compute import Perturber, make_thread_pool
+from segue_dist.protect.folder import FolderProtector, FolderSummary, is_folder_input, protect_folder
+from segue_dist.protect.folder_records import FOLDER_MANIFEST, Listing, list_folder, load_journal, photo_labels
 from segue_dist.protect.gpu_codec import GpuCodec
 from segue_dist.protect.manifest import (
     MANIFEST_NAME,
@@ -86,12 +92,14 @@ from segue_dist.protect.options import (
     resolve_workers,
 )
 from segue_dist.protect.output import ShardWriter, output_sample
+from segue_dist.protect.photo import Planes, face_scale_delta, face_shape, protect_photo, read_planes
 from segue_dist.protect.pipeline import Protector, RankSummary, refuse_in_place
 from segue_dist.protect.quantise import eps_levels, quantise_protected
 from segue_dist.protect.settings import SETTINGS_NAME, LabelPlan, check_or_record_settings, plan_labels
 from segue_dist.protect.stream import Item, ProtectStream, SizeBuckets, iter_items
 
 __all__ = [
+    "FOLDER_MANIFEST",
     "FORMATS",
     "MANIFEST_NAME",
     "MIN_SIDE",
@@ -101,12 +109,16 @@ __all__ = [
     "TAR_MTIME",
     "TEST_DELAY_ENV",
     "EncodeSpec",
+    "FolderProtector",
+    "FolderSummary",
     "EncodedImage",
     "GpuCodec",
     "ImageCheck",
     "Item",
     "LabelPlan",
+    "Listing",
     "Perturber",
+    "Planes",
     "ProtectOptions",
     "ProtectStream",
     "Protector",
@@ -120,19 +132,28 @@ __all__ = [
     "cpus_per_rank",
     "encode_and_verify",
     "encode_image",
+    "face_scale_delta",
+    "face_shape",
     "eps_levels",
     "finalize_if_complete",
+    "is_folder_input",
     "iter_items",
+    "list_folder",
+    "load_journal",
     "main",
     "make_encode_pool",
     "make_thread_pool",
     "measure",
     "options_from_args",
+    "photo_labels",
     "output_sample",
     "plan_labels",
     "print_manifest",
     "protect",
+    "protect_folder",
+    "protect_photo",
     "quantise_protected",
+    "read_planes",
     "refuse_in_place",
     "resolve_batch_size",
     "resolve_encode_backend",

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from segue_dist.protect.folder import FolderSummary, is_folder_input, protect_folder
 from segue_dist.protect.manifest import QUARANTINE_NAME, finalize_if_complete
 from segue_dist.protect.options import ProtectOptions
 from segue_dist.protect.pipeline import Protector, RankSummary
@@ -65,10 +66,37 @@ def print_manifest(manifest: dict[str, Any]) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", required=True, metavar="PATH", help="exported generator (.safetensors or dir)")
-    parser.add_argument("--in", dest="inp", required=True, metavar="DIR", help="input split, e.g. shards/lfw62/train")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output split folder (must differ from --in)")
-    parser.add_argument("--labels", metavar="JSON", help="pseudo-label sidecar (key -> label) instead of .cls")
-    parser.add_argument("--format", choices=["png", "jpeg", "jpg"], default="png", help="output format (png)")
+    parser.add_argument(
+        "--in",
+        dest="inp",
+        required=True,
+        metavar="DIR",
+        help="input: a shard split (shards/lfw62/train) or a photo folder",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (must differ from --in)")
+    parser.add_argument(
+        "--input-format",
+        choices=["auto", "shards", "folder"],
+        default="auto",
+        help="auto: folder mode when --in has no sizes.json and no .tar shards (auto). Folder mode writes every "
+        "photo at the same relative path, size, format (JPEG at --jpeg-quality, others lossless), mode (gray stays "
+        "gray, alpha kept) and upright; METADATA (EXIF incl. GPS, ICC, XMP) IS DROPPED",
+    )
+    parser.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="shards: pseudo-label sidecar (key -> label) instead of .cls; folder: CSV/JSON relative path -> "
+        "identity (default: the first folder of each path is the identity)",
+    )
+    parser.add_argument(
+        "--face-size",
+        type=int,
+        default=0,
+        help="folder: short side (px) δ is computed at, then upsampled (0 = G's training size, else 112)",
+    )
+    parser.add_argument(
+        "--format", choices=["png", "jpeg", "jpg"], default="png", help="shards: output format (png); folder: kept"
+    )
     parser.add_argument("--png-level", type=int, default=1, help="PNG zlib level 0..9 (1; 0 = fastest, largest)")
     parser.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1..100 (95)")
     parser.add_argument("--batch-size", type=int, default=0, help="forward batch (0 = 256 on CUDA, 16 on CPU)")
@@ -106,6 +134,8 @@ def options_from_args(args: argparse.Namespace) -> ProtectOptions:
         allow_unseen_labels=args.allow_unseen_labels,
         max_pixels=args.max_pixels,
         progress=not args.no_progress,
+        input_format=args.input_format,
+        face_size=args.face_size,
     )
 
 
@@ -120,6 +150,8 @@ def protect(opts: ProtectOptions) -> tuple[RankSummary, dict[str, Any] | None]:
 
 def run(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
+    if is_folder_input(opts):
+        return run_folder(opts)
     summary, manifest = protect(opts)
     is_main = summary.rank == 0
     if is_main or manifest is not None:
@@ -133,6 +165,63 @@ def run(args: argparse.Namespace) -> int:
     print_manifest(manifest)
     if not manifest["balanced"]:
         print(f"segue protect: error: {opts.out}: " + "; ".join(manifest["problems"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_folder_summary(summary: FolderSummary) -> None:
+    written = [e for e in summary.entries if e["status"] == "written"]
+    n = max(len(written), 1)
+    rate = len(summary.entries) / summary.seconds if summary.seconds > 0 else 0.0
+    row = [
+        f"{summary.rank}/{summary.world_size}",
+        f"{len(summary.entries)}+{summary.skipped}",
+        str(len(written)),
+        str(summary.count("quarantined")),
+        str(max((e["max_abs"] for e in written), default=0)),
+        f"{sum(e['mean_abs'] for e in written) / n:.2f}",
+        f"{sum(e['psnr'] for e in written) / n:.2f}",
+        f"{rate:,.1f}",
+    ]
+    columns = ["rank", "photos", "written", "quar.", "max|δ|", "mean|δ|", "PSNR", "img/s"]
+    print_table("segue protect (folder): this rank (done now + already done; |δ| in 1/255)", columns, [row])
+
+
+def print_folder_manifest(manifest: dict[str, Any]) -> None:
+    rows = [
+        ["files in", str(manifest["files_in"])],
+        ["written", str(manifest["written"])],
+        ["quarantined", str(manifest["quarantined"])],
+        ["ignored", str(manifest["ignored"])],
+        ["balanced", "yes" if manifest["balanced"] else "NO"],
+        ["face scale (px)", str(manifest["face_size"])],
+    ]
+    for fmt, row in manifest["formats"].items():
+        bound = (
+            "n/a (lossy: measured)"
+            if row["eps_bound_holds"] is None
+            else ("holds" if row["eps_bound_holds"] else "VIOLATED")
+        )
+        rows.append([f"{fmt}: {row['files']} files, ε ({manifest['eps_levels']} levels)", bound])
+        rows.append([f"{fmt}: max |δ| / PSNR", f"{row['max_abs_delta']} / {row['psnr_mean']:.2f} dB"])
+    print_table(f"segue protect: {manifest['output']}", ["", "value"], rows)
+    for q in manifest["quarantined_files"][:20]:
+        console.print(f"  quarantined {q['path']}: {q['reason']}")
+    if manifest["quarantined"] > 20:
+        console.print(f"  ... {manifest['quarantined'] - 20} more in {QUARANTINE_NAME}")
+
+
+def run_folder(opts: ProtectOptions) -> int:
+    seed_everything(opts.seed)
+    summary, manifest, _ = protect_folder(opts)
+    if summary.rank == 0 or manifest is not None:
+        print_folder_summary(summary)
+    if manifest is None:
+        console.print(f"rank {summary.rank}: photos done; the manifest is written by the last rank to finish")
+        return 0
+    print_folder_manifest(manifest)
+    if not manifest["balanced"]:
+        print(f"segue protect: error: {opts.out}: the manifest does not balance", file=sys.stderr)
         return 1
     return 0
 

@@ -32,11 +32,23 @@ class Perturber:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.on_cuda:
             return self._cuda(images, labels)
+        return quantise_protected(images, self.deltas(images, labels), self.levels).contiguous()
+
+    def deltas(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """G's float δ (N, H, W, 3) in [0, 1] units for uint8 images (N, H, W, 3), not yet quantised.
+
+        Folder mode needs δ itself: it computes δ at the face scale and upsamples it before quantising.
+        """
+        if self.on_cuda:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                images = images.to(self.device, non_blocking=True)
+                delta = self.generator(images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0), labels.to(self.device))
+            return delta.float().permute(0, 2, 3, 1)
         if self.pool is None:
             deltas = [self._one(images[i : i + 1], labels[i : i + 1]) for i in range(len(images))]
         else:
             deltas = list(self.pool.map(lambda i: self._one(images[i : i + 1], labels[i : i + 1]), range(len(images))))
-        return quantise_protected(images, torch.cat(deltas).permute(0, 2, 3, 1), self.levels).contiguous()
+        return torch.cat(deltas).permute(0, 2, 3, 1)
 
     def _one(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         # One image at a time on one intra-op thread: float32 CPU kernels then give the same bits whatever the

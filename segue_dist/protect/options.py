@@ -8,6 +8,7 @@ from dataclasses import dataclass
 # The generator halves the resolution twice and instance-normalises the bottleneck, so it needs sides >= 8 px.
 MIN_SIDE = 8
 FORMATS = ("png", "jpeg")
+INPUT_FORMATS = ("auto", "shards", "folder")
 # Test hook: seconds to sleep after each written batch, so a test can kill -9 the job in the middle of a shard.
 TEST_DELAY_ENV = "SEGUE_PROTECT_TEST_DELAY_S"
 
@@ -35,6 +36,8 @@ class ProtectOptions:
     max_pixels: int = 4096 * 4096
     inflight: int = 0  # forward batches whose encode may be pending at once; 0 = 2 x encode workers + 2
     progress: bool = True
+    input_format: str = "auto"  # shards | folder | auto (folder when --in is a folder without sizes.json or tars)
+    face_size: int = 0  # folder mode: short side δ is computed at; 0 = G's training size (generator.json), else 112
 
     def __post_init__(self) -> None:
         if self.format == "jpg":
@@ -52,6 +55,10 @@ class ProtectOptions:
             raise ValueError(f"encode_backend must be auto, thread or process, got {self.encode_backend!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
+        if self.face_size != 0 and self.face_size < MIN_SIDE:
+            raise ValueError(f"face_size must be 0 (G's training size) or >= {MIN_SIDE}, got {self.face_size}")
         if self.max_pixels < MIN_SIDE * MIN_SIDE:
             raise ValueError(f"max_pixels must be >= {MIN_SIDE * MIN_SIDE}, got {self.max_pixels}")
         if not self.generator or not self.inp or not self.out:
