@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 import zlib
 from pathlib import Path
@@ -358,14 +359,23 @@ def test_bad_samples_are_quarantined_or_converted_and_the_manifest_balances(tmp_
     assert {json.loads(line)["key"] for line in lines} == set(bad)
 
 
+def middle_member(path: Path) -> tarfile.TarInfo:
+    """The middle image member of a shard (its header offset and data offset tell where to cut)."""
+    with tarfile.open(path) as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith((".jpg", ".png"))]
+    return members[len(members) // 2]
+
+
 def test_truncated_input_shards_fail_the_manifest_loudly(corpus: dict[str, Path], tmp_path: Path, capsys) -> None:
     split = tmp_path / "in"
     shutil.copytree(corpus["train"], split)
-    # Cut at a 512-byte block boundary, a tar stream can simply end early with no error at all: only the balance
+    # Cut just before a member's header, a tar stream simply ends early with no error at all: only the balance
     # against sizes.json can notice. Cut inside a member, the reader reports the fault.
     silent, noisy = (split / "00001.tar").read_bytes(), (split / "00002.tar").read_bytes()
-    (split / "00001.tar").write_bytes(silent[: len(silent) // 2 // 512 * 512])
-    (split / "00002.tar").write_bytes(noisy[: len(noisy) // 2 // 512 * 512 + 100])
+    (split / "00001.tar").write_bytes(silent[: middle_member(split / "00001.tar").offset])
+    inside = middle_member(split / "00002.tar")
+    assert inside.size > 100
+    (split / "00002.tar").write_bytes(noisy[: inside.offset_data + 100])
     out = tmp_path / "out"
     assert run_protect(corpus["generator"], split, out) == 1
     err = capsys.readouterr().err
