@@ -15,9 +15,8 @@ Architecture (``C = width``)::
 
 N, the norm after the fusion, is ``decoder_norm``: ``none`` by default, ``instance`` as an option. The code enters
 as a per-sample, spatially constant offset of the fused features, the kind of offset InstanceNorm removes; without
-a norm there the offsets reach the output directly. Measured on glint24 at 32 px (16 epochs, no distortion,
-ResNet-18 victim at 63% on clean data): clean-test accuracy 67% with InstanceNorm after the fusion, 58% with
-BatchNorm (the paper's figure), 44% with none. The encoder keeps InstanceNorm: it sees only the image.
+a norm there the offsets reach the output directly (measured: docs/measurements.md). The encoder keeps
+InstanceNorm: it sees only the image.
 
 ``label_at_output`` also fuses the side information before the output conv, at full resolution.
 
@@ -25,16 +24,16 @@ Side information (``side_info``):
 
 * ``constant`` (the paper): the bits, broadcast over space. Fused only at the bottleneck, a spatially constant code
   leaves G through the two stride-2 transposed convolutions as a period-2/4 lattice: the highest spatial
-  frequencies, which a stride-2 stem, down-sampling, JPEG and a victim's random crop remove or scramble. Measured
-  (glint24 32 px, README Effectiveness): no protection at CPU scale.
+  frequencies, which a stride-2 stem, down-sampling, JPEG and a victim's random crop remove or scramble (README,
+  Effectiveness: no protection at CPU scale).
 * ``template``: an MLP decodes the bits into a ``template_channels x s x s`` map (``s = template_size``), resized
   bilinearly to each fusion point, so the code can draw per-identity *spatial* structure at a scale relative to the
   face (a 4x4 template is 8 px cells at 32 px, 28 px cells at 112 px). ``template_skip > 0`` adds a direct path
   from the template (1x1 conv at template resolution, resized, times the gain) to the pre-tanh output, so that G
-  paints a coarse, saturated class-wise pattern from the first step; measured worse than without it (glint24 32 px:
-  13.3% against 7.9% for the victim), so it is 0 in the default recipe. Coarse colour structure is the pattern a
-  victim learns first and that crops and half resolution keep (probes in ``bench/protection.py``: fixed class-wise
-  colour blocks on a 2x2 / 4x4 / 8x8 grid give 22% / 26% / 51% against 55% clean; luminance-only blocks 52%).
+  paints a coarse, saturated class-wise pattern from the first step; it measured worse than without it, so it is 0
+  in the default recipe. Coarse colour structure is the pattern a victim learns first and that crops and half
+  resolution keep (README Effectiveness and ``bench/results/protection/``: the ablation and the fixed-pattern
+  probes).
 
 ``upsample=resize`` replaces the transposed convolutions by bilinear x2 + conv (no checkerboard), ``luma_weight``
 spends that share of eps on one plane added equally to R, G and B (what a grayscale attacker keeps). Any 16-bit code
@@ -341,9 +340,8 @@ class SegueGenerator(nn.Module):
         """Head output (B, 3 or 4, H, W) -> delta with |delta| <= eps: tanh per channel, luminance plane mixed in.
 
         With ``output_rms_gain`` the output is first scaled to unit RMS per image (times the gain): G then chooses
-        the pattern, not its size, and cannot drive tanh into saturation, where its gradient vanishes. Measured on
-        the demo corpus: without it the head's output grows until 99.5% of pixels sit at +-eps within two epochs and
-        G stops learning (its weights then barely move for the rest of training).
+        the pattern, not its size, and cannot drive tanh into saturation, where its gradient vanishes and G stops
+        learning (measured: docs/measurements.md).
         """
         if self.config.output_rms_gain:
             out = self.config.output_rms_gain * out * torch.rsqrt(out.square().mean((1, 2, 3), keepdim=True) + 1e-6)
