@@ -76,9 +76,10 @@ def test_colour_does_not_separate_identities() -> None:
     assert within > 2 * between, (within, between)
     # So a classifier on mean colour is near the 10% chance of 10 identities.
     assert nearest_centroid_accuracy(means, labels, index < 8) <= 0.3
-    # The backdrop is drawn per shot: the corners of one identity's shots differ a lot.
+    # The backdrop is drawn per shot (muted, then the camera's light and colour cast): the corners of one identity's
+    # shots differ by more than twice the protection's 8/255 budget (measured 23.7 levels, 10 x 12 shots).
     corners = images[labels == 0][:, :3, :3].astype(np.float32).mean((1, 2))
-    assert corners.std(0).mean() > 30, corners
+    assert corners.std(0).mean() > 16, corners
 
 
 def test_identities_are_distinguishable_by_shape() -> None:
