@@ -108,13 +108,23 @@ def export_generator(
     return weights
 
 
+def generator_weights_path(path: str | Path) -> Path:
+    """The exported generator's .safetensors file: ``path`` itself, or ``generator.safetensors`` in that folder."""
+    path = Path(path)
+    return path / "generator.safetensors" if path.is_dir() else path
+
+
+def generator_sha256(path: str | Path, meta: dict[str, Any]) -> str:
+    """The weights' SHA-256: recorded in the export's JSON (checked by :func:`load_generator`), else hashed."""
+    return meta.get("weights_sha256") or file_sha256(generator_weights_path(path))
+
+
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Load an exported generator strictly. ``path`` is the .safetensors file or the folder holding it."""
+    """Load an exported generator strictly, in eval mode. ``path`` is the .safetensors file or its folder."""
     from segue_dist.config import from_dict
     from segue_dist.models.generator import GeneratorConfig, SegueGenerator
 
-    path = Path(path)
-    weights = path / "generator.safetensors" if path.is_dir() else path
+    weights = generator_weights_path(path)
     meta_path = weights.with_suffix(".json")
     if not weights.is_file():
         raise FileNotFoundError(f"generator weights not found: {weights}")

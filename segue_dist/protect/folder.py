@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from segue_dist.checkpoint import file_sha256, load_generator
+from segue_dist.checkpoint import file_sha256, generator_sha256, load_generator
 from segue_dist.data.assign import assign_shards
 from segue_dist.protect.codecs import EncodeSpec
 from segue_dist.protect.compute import Perturber, make_thread_pool
@@ -40,7 +40,7 @@ from segue_dist.protect.folder_records import (
 )
 from segue_dist.protect.options import ProtectOptions, cpus_per_rank
 from segue_dist.protect.photo import protect_photo
-from segue_dist.protect.pipeline import _weights_file, refuse_in_place
+from segue_dist.protect.pipeline import refuse_in_place
 from segue_dist.protect.quantise import eps_levels
 from segue_dist.protect.settings import check_or_record_settings
 from segue_dist.utils import dist
@@ -92,7 +92,7 @@ class FolderProtector:
         cfg = self.generator.config  # type: ignore[attr-defined]
         self.eps = float(cfg.eps)
         self.levels = eps_levels(self.eps)
-        self.generator_sha = self.gen_meta.get("weights_sha256") or file_sha256(_weights_file(opts.generator))
+        self.generator_sha = generator_sha256(opts.generator, self.gen_meta)
         self.face_size = opts.face_size or training_face_size(self.gen_meta)
         self.spec = EncodeSpec("as-input", opts.png_level, opts.jpeg_quality, self.levels)
         self.limit = 2 ** int(cfg.bits) if opts.allow_unseen_labels else int(cfg.num_classes)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segue_dist.checkpoint import file_sha256, load_generator
+from segue_dist.checkpoint import generator_sha256, load_generator
 from segue_dist.data.assign import assign_shards
 from segue_dist.data.images import BadImage, decode_image
 from segue_dist.data.loader import ShardEnd, open_shard_set
@@ -132,13 +132,12 @@ class Protector:
         if opts.gpu_codec and not self.on_cuda:
             raise ValueError("--gpu-codec needs a CUDA device")
         self.generator, self.gen_meta = load_generator(opts.generator, self.device)
-        self.generator.eval()
         if self.on_cuda:
             self.generator = self.generator.to(memory_format=torch.channels_last)
         cfg = self.generator.config  # type: ignore[attr-defined]
         self.eps = float(cfg.eps)
         self.levels = eps_levels(self.eps)
-        self.generator_sha = self.gen_meta.get("weights_sha256") or file_sha256(_weights_file(opts.generator))
+        self.generator_sha = generator_sha256(opts.generator, self.gen_meta)
         self.labels = plan_labels(opts, self.shard_set, self.gen_meta, cfg)
         self.spec = EncodeSpec(opts.format, opts.png_level, opts.jpeg_quality, self.levels)
         self.workers, self.encoders, self.threads = resolve_workers(opts, self.on_cuda)
@@ -402,8 +401,3 @@ class Protector:
 def refuse_in_place(inp: Path, out: Path) -> None:
     if inp.resolve() == out.resolve():
         raise ValueError(f"--out must differ from --in ({inp}): protect never modifies its input")
-
-
-def _weights_file(path: str) -> Path:
-    p = Path(path)
-    return p / "generator.safetensors" if p.is_dir() else p
