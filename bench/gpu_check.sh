@@ -73,5 +73,9 @@ step "glint24 64 px, the wider generator (width 32, 4 residual blocks) for compa
 effect 100 g24_wide --name glint24_64_wide --shards shards/glint24_64 --out "$W/glint24_wide" --gen-epochs 30 \
   --victim-epochs 20 --methods "" --train-set generator.width=32 --train-set generator.num_res_blocks=4
 save "$W/glint24_wide" glint24_64_wide_generator
+step "folder-mode protect throughput at 224 / 1024 px (G on the GPU, codecs on the host's cores)"
+timeout 120 $PY bench/protect_folder_throughput.py --quick --device cuda --out "$OUT/protect_folder_throughput_gpu.json" \
+  > "$W/folder_throughput.log" 2>&1
+echo "exit $? after folder throughput" | tee -a "$LOG"
 cp "$W"/*.log "$OUT/" 2>/dev/null
 step "done"

@@ -10,7 +10,7 @@ output format (PNG level 1, PNG level 0, JPEG q95) it measures, on the same imag
 * ``floor``: decode + encode alone in a pool using every core (the best of a thread and a process pool): what any
   protect job must pay at least; ``floor_verify`` adds the decode of the written file that protect uses to check ε;
 * ``protect``: the whole job (tar read, decode in loader workers, G, encode + verify, tar write) with the default
-  generator (width 32, 4 residual blocks), and ``protect_tiny_g`` with a width-8, 1-block G, which shows the
+  generator (``configs/train/default.yaml``: width 16, 2 residual blocks), and ``protect_tiny_g`` with a width-8, 1-block G, which shows the
   pipeline's own overhead once G is cheap (as on a GPU);
 * ``g_only``: G alone on the CPU (per image, as protect runs it), the ceiling that G sets;
 * the encode pool backend (threads vs processes) inside the pipeline;
@@ -27,6 +27,7 @@ channels_last), the job with CPU codecs and with ``--gpu-codec`` (nvJPEG decode 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -52,10 +53,12 @@ sys.path.insert(0, str(REPO))
 
 from segue_dist import protect  # noqa: E402
 from segue_dist.checkpoint import export_generator  # noqa: E402
+from segue_dist.config import load_config  # noqa: E402
 from segue_dist.data.images import decode_image, encode_jpeg  # noqa: E402
 from segue_dist.data.loader import iter_tar_samples  # noqa: E402
 from segue_dist.data.synthetic import generate_corpus  # noqa: E402
-from segue_dist.models.generator import GeneratorConfig, SegueGenerator  # noqa: E402
+from segue_dist.models.generator import SegueGenerator  # noqa: E402
+from segue_dist.training.config import TrainConfig  # noqa: E402
 from segue_dist.utils.io import atomic_write_json  # noqa: E402
 from segue_dist.utils.progress import console, print_table  # noqa: E402
 
@@ -95,10 +98,17 @@ def make_split(folder: Path, size: int, count: int, per_shard: int = 500, unique
     return folder
 
 
-def make_generator(folder: Path, width: int, blocks: int) -> Path:
+def make_generator(folder: Path, width: int = 0, blocks: int = 0, train_size: int = 112) -> Path:
+    """The default config's generator (``configs/train/default.yaml``; random weights: the cost does not depend on
+    them), 8 classes, optionally narrower / shallower; ``train_size`` is recorded as its training size (folder mode
+    computes δ at that short side)."""
+    cfg = load_config(TrainConfig, REPO / "configs" / "train" / "default.yaml")
+    changes = {"num_classes": 8, "width": width or cfg.generator.width}
+    changes["num_res_blocks"] = blocks or cfg.generator.num_res_blocks
     torch.manual_seed(0)
-    generator = SegueGenerator(GeneratorConfig(num_classes=8, width=width, num_res_blocks=blocks))
-    return export_generator(generator, folder, label_map=None, label_source="cls")
+    generator = SegueGenerator(dataclasses.replace(cfg.generator, **changes))
+    train_config = {"data": {"image_size": [train_size]}}
+    return export_generator(generator, folder, label_map=None, label_source="cls", train_config=train_config)
 
 
 def read_images(split: Path, limit: int) -> list[bytes]:
@@ -267,7 +277,7 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
 
 def run_cpu(work: Path, quick: bool) -> dict[str, Any]:
     cores = protect.cpus_per_rank()
-    full_g = make_generator(work / "g_full", 32, 4)
+    full_g = make_generator(work / "g_full")
     tiny_g = make_generator(work / "g_tiny", 8, 1)
     counts = {112: 160, 224: 64} if quick else {112: 320, 224: 128}
     tiny_counts = {112: 800, 224: 320} if quick else {112: 1600, 224: 640}
@@ -386,7 +396,7 @@ def run_gpu(work: Path, count: int, out_path: Path, budget_s: float) -> dict[str
     def save() -> None:
         atomic_write_json(out_path, results)
 
-    full_g = make_generator(work / "g_full", 32, 4)
+    full_g = make_generator(work / "g_full")
     split = make_split(work / "in224", 224, count, per_shard=1000)
     results["g_only_bf16_img_s"] = round(g_only_rate(full_g.parent, 224, "cuda", 256, 40 * 256), 1)
     save()

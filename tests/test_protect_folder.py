@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,8 @@ from test_protect import make_generator
 from segue_dist import protect
 from segue_dist.checkpoint import load_generator
 from segue_dist.protect.compute import Perturber
+from segue_dist.protect.folder import FolderProtector
+from segue_dist.protect.folder_records import load_journal
 from segue_dist.utils.io import read_json
 
 EPS = 8  # levels: floor(255 * 8/255)
@@ -226,6 +232,88 @@ def test_two_ranks_write_the_same_bytes_as_one(tree: dict[str, Path], monkeypatc
     two = {p.relative_to(out): p.read_bytes() for p in written_files(out)}
     assert one == two
     assert read_json(out / protect.FOLDER_MANIFEST)["balanced"] is True
+
+
+def test_one_thread_writes_the_same_bytes_as_two(tree: dict[str, Path]) -> None:
+    """G runs per chunk of the sorted list (fixed by the input order), so the thread count cannot change a byte."""
+    out = tree["root"] / "one_thread"
+    assert run_folder(tree["generator"], tree["in"], out, "--threads", "1") == 0
+    one = {p.relative_to(out): p.read_bytes() for p in written_files(out)}
+    assert one == {p.relative_to(tree["out"]): p.read_bytes() for p in written_files(tree["out"])}
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_is_byte_identical(tree: dict[str, Path]) -> None:
+    """A real ``kill -9`` mid-run (chunks of 2, slowed down), then a rerun: byte-identical to an uninterrupted run
+    with the same chunks, no temporary file left, the manifest balances."""
+    flags = ["--batch-size", "2", "--threads", "1"]
+    reference = tree["root"] / "kill_reference"
+    assert run_folder(tree["generator"], tree["in"], reference, *flags) == 0
+    out = tree["root"] / "killed"
+    cmd = [sys.executable, "-m", "segue_dist.protect", "--generator", str(tree["generator"]), "--in", str(tree["in"])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", protect.TEST_DELAY_ENV: "0.3"}
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out), "--no-progress", *flags],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(journalled(out)) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first = journalled(out)
+    total = len(written_files(reference)) + len(QUARANTINED)
+    assert 3 <= len(first) < total, "the kill must land mid-run"
+    assert not (out / protect.FOLDER_MANIFEST).exists()
+    assert run_folder(tree["generator"], tree["in"], out, *flags) == 0
+    assert not list(out.rglob(".*.tmp"))
+    got = {p.relative_to(out): p.read_bytes() for p in written_files(out)}
+    assert got == {p.relative_to(reference): p.read_bytes() for p in written_files(reference)}
+    assert read_json(out / protect.FOLDER_MANIFEST)["balanced"] is True
+
+
+def test_chunks_are_cut_from_the_sorted_list_before_ranks_take_them(
+    tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """G's batches (chunks of --batch-size) are consecutive runs of the sorted photo list, whatever the rank count
+    and whatever is done already; ranks take whole chunks round-robin, and together they take every photo once."""
+    out = tree["root"] / "chunks"
+    opts = protect.ProtectOptions(str(tree["generator"]), str(tree["in"]), str(out), batch_size=3, progress=False)
+    photos = FolderProtector(opts).listing.photos
+    expected = [photos[i : i + 3] for i in range(0, len(photos), 3)]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    taken = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        protector = FolderProtector(opts)
+        assert protector.chunks() == expected
+        todo, to_write, skipped = protector.my_todo({})
+        assert [chunk for chunk, _ in todo] == expected[rank::2] and skipped == 0
+        assert all(write == set(chunk) for chunk, write in todo) and to_write == sum(map(len, expected[rank::2]))
+        taken += [p for chunk, _ in todo for p in chunk]
+    assert sorted(taken) == sorted(photos)
+
+
+def journalled(out: Path) -> set[str]:
+    """Paths the journal lists as handled (written or quarantined), from every rank's journal file."""
+    return set(load_journal(out)) if out.is_dir() else set()
+
+
+def test_batched_generator_matches_per_image_within_float_noise(tree: dict[str, Path]) -> None:
+    """Folder mode's batched forward is the same function as shard mode's per-image forward (up to float32
+    summation order): batching is a speed-up, not another protection."""
+    generator, _ = load_generator(tree["generator"])
+    faces = torch.from_numpy(np.stack([face_like(48, 40, s) for s in range(6)]))
+    labels = torch.arange(6) % 8
+    per_image = Perturber(generator, torch.device("cpu"), EPS, threads=1).deltas(faces, labels)
+    batched = Perturber(generator, torch.device("cpu"), EPS, threads=1, batched=True).deltas(faces, labels)
+    assert per_image.abs().max() > 1e-3
+    assert torch.allclose(per_image, batched, atol=1e-5)
 
 
 def test_labels_from_a_csv_mapping(tree: dict[str, Path]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +34,26 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     Any failure inside the decoder (Pillow plugins raise far more than ``OSError`` on hostile input) is a
     ``BadImage``, so one bad file can never stop a build or a loader.
     """
+    opened = open_image(data, max_pixels)
+    try:
+        return to_rgb(opened.image)
+    except Exception as exc:  # noqa: BLE001 - an odd mode's conversion failing is this file's problem, not the job's
+        raise BadImage(f"cannot convert {opened.image.mode} to RGB ({type(exc).__name__}: {exc})") from None
+
+
+@dataclass(frozen=True)
+class OpenedImage:
+    """A decoded image in its own mode: ``image`` fully loaded and upright (EXIF orientation applied), ``format``
+    the container's PIL format name (``JPEG``, ``PNG``, ``MPO``, ...) and ``frames`` its frame count."""
+
+    image: Image.Image
+    format: str
+    frames: int
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> OpenedImage:
+    """Bytes -> the loaded, upright image in its own mode, or ``BadImage`` with the reason (``decode_image``'s
+    checks: empty, unrecognised, truncated, malformed, decompression bomb). Decodes once."""
     if not data:
         raise BadImage("empty file (0 bytes)")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -43,9 +64,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             width, height = img.size
             if width * height > max_pixels:
                 raise BadImage(f"too large: {width}x{height} exceeds {max_pixels} pixels (decompression bomb guard)")
+            fmt, frames = str(img.format), int(getattr(img, "n_frames", 1))
             img.load()
-            img = _upright(img)
-            return to_rgb(img)
+            return OpenedImage(_upright(img), fmt, frames)
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: folder mode when --in has no sizes.json and no .tar shards (auto). Folder mode writes every "
         "photo at the same relative path, size, format (JPEG at --jpeg-quality, others lossless), mode (gray stays "
-        "gray, alpha kept) and upright; METADATA (EXIF incl. GPS, ICC, XMP) IS DROPPED",
+        "gray, alpha kept) and upright; METADATA (EXIF incl. GPS, ICC, XMP) IS DROPPED unless --keep-metadata",
     )
     parser.add_argument(
         "--labels",
@@ -96,6 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--format", choices=["png", "jpeg", "jpg"], default="png", help="shards: output format (png); folder: kept"
+    )
+    parser.add_argument(
+        "--keep-metadata",
+        action="store_true",
+        help="folder: keep the ICC profile and EXIF (camera, exposure, time), never GPS, the EXIF thumbnail, "
+        "MakerNote or XMP (default: pixels only)",
     )
     parser.add_argument("--png-level", type=int, default=1, help="PNG zlib level 0..9 (1; 0 = fastest, largest)")
     parser.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1..100 (95)")
@@ -136,6 +142,7 @@ def options_from_args(args: argparse.Namespace) -> ProtectOptions:
         progress=not args.no_progress,
         input_format=args.input_format,
         face_size=args.face_size,
+        keep_metadata=args.keep_metadata,
     )
 
 
@@ -152,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
     if is_folder_input(opts):
         return run_folder(opts)
+    if opts.keep_metadata:
+        raise ValueError("--keep-metadata applies to folder mode (shards hold pixels and labels, no photo metadata)")
     summary, manifest = protect(opts)
     is_main = summary.rank == 0
     if is_main or manifest is not None:
@@ -195,6 +204,7 @@ def print_folder_manifest(manifest: dict[str, Any]) -> None:
         ["ignored", str(manifest["ignored"])],
         ["balanced", "yes" if manifest["balanced"] else "NO"],
         ["face scale (px)", str(manifest["face_size"])],
+        ["metadata", manifest.get("metadata", "dropped")],
     ]
     for fmt, row in manifest["formats"].items():
         bound = (

@@ -3,16 +3,20 @@
 Every photo is written at the same relative path and name, at its own size, in its own format (JPEG at
 ``--jpeg-quality``, everything else losslessly), its own mode (gray stays gray with a luminance δ, alpha kept bit
 for bit, 16-bit gray stays 16-bit) and upright (EXIF orientation applied); metadata is dropped. δ is computed at the
-face scale (:mod:`.photo`). Ranks take a static round-robin split of the sorted photo list; each output is written
-atomically and then journalled (:mod:`.folder_records`), so a rerun (after ``kill -9`` too) skips what is done and
-redoes the rest with identical bytes. Whoever sees every photo accounted for writes the manifest.
+face scale (:mod:`.photo`). The sorted photo list is cut into fixed *chunks* of ``--batch-size`` photos; ranks take
+a static round-robin split of the chunks, and G runs once per chunk and face shape. Because a chunk's photos are
+fixed by the input order (never by rank, thread or what is already done), the bytes of every photo are the same
+whatever the number of ranks or threads and after a resume. Each output is written atomically and then journalled
+(:mod:`.folder_records`), so a rerun (after ``kill -9`` too) skips what is done and redoes the rest with identical
+bytes. Whoever sees every photo accounted for writes the manifest.
 
-CPU: each photo goes through G on its own (one intra-op thread, several photos in parallel), as in shard mode, so
-bytes never depend on ranks or threads. CUDA works (one photo per forward, bf16) but is not tuned yet.
+CPU: chunks run in parallel on ``--threads`` threads of one intra-op thread each (decode, G, encode, check).
+CUDA: G runs the chunk's faces in bf16 on the GPU; decode, up-sampling and encode stay on the CPU threads.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -24,6 +28,7 @@ import torch
 
 from segue_dist.checkpoint import file_sha256, generator_sha256, load_generator
 from segue_dist.data.assign import assign_shards
+from segue_dist.data.images import BadImage
 from segue_dist.protect.codecs import EncodeSpec
 from segue_dist.protect.compute import Perturber, make_thread_pool
 from segue_dist.protect.folder_records import (
@@ -38,8 +43,9 @@ from segue_dist.protect.folder_records import (
     photo_labels,
     write_folder_manifest,
 )
-from segue_dist.protect.options import ProtectOptions, cpus_per_rank
-from segue_dist.protect.photo import protect_photo
+from segue_dist.protect.metadata import KEPT
+from segue_dist.protect.options import TEST_DELAY_ENV, ProtectOptions, cpus_per_rank, resolve_batch_size
+from segue_dist.protect.photo import OpenedPhoto, PhotoResult, face_deltas, finish_photo, open_for_protect
 from segue_dist.protect.pipeline import refuse_in_place
 from segue_dist.protect.quantise import eps_levels
 from segue_dist.protect.settings import check_or_record_settings
@@ -98,6 +104,8 @@ class FolderProtector:
         self.limit = 2 ** int(cfg.bits) if opts.allow_unseen_labels else int(cfg.num_classes)
         self.hint = "" if opts.allow_unseen_labels else f" (--allow-unseen-labels accepts up to {2**cfg.bits - 1})"
         self.threads = opts.threads or cpus_per_rank()
+        self.chunk_size = resolve_batch_size(opts, self.device.type == "cuda")
+        self.delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
         self.listing = list_folder(self.in_dir, exclude=self.out_dir)
         self.labels = photo_labels(self.listing.photos, opts.labels, self.limit, self.hint)
 
@@ -113,93 +121,137 @@ class FolderProtector:
             "eps_levels": self.levels,
             # The face scale changes every byte, so it is part of the format a resume must match.
             "format": f"as-input, delta at {self.face_size} px short side",
+            "metadata": f"kept: {KEPT}" if self.opts.keep_metadata else "dropped",
             "png_level": self.opts.png_level,
             "jpeg_quality": self.opts.jpeg_quality,
             "labels": labels,
             "face_size": self.face_size,
+            # G's batches are the chunks, and a batch's composition (like the device) can flip the odd uint8
+            # rounding: a resume with another value warns (settings.SETTINGS_SHOULD_MATCH).
+            "batch_size": self.chunk_size,
+            "compute": "cuda-bf16" if self.device.type == "cuda" else "cpu-fp32-batch",
         }
 
-    def my_todo(self, journal: dict[str, dict[str, Any]]) -> tuple[list[str], int]:
-        """This rank's photos not done yet. Assigned from the full sorted list first, then filtered, so ranks of a
-        rerun agree on ownership whatever each has finished."""
-        mine = assign_shards(self.listing.photos, self.rank, self.world)
-        todo = [p for p in mine if not already_done(journal.get(p), self.in_dir / p, self.out_dir / p)]
-        for rel in todo:  # temporaries of this rank's own killed writes (another rank's are not touched)
-            out = self.out_dir / rel
-            for tmp in out.parent.glob(f".{out.name}.*.tmp") if out.parent.is_dir() else []:
-                tmp.unlink(missing_ok=True)
-        return todo, len(mine) - len(todo)
+    def chunks(self) -> list[list[str]]:
+        """The sorted photo list cut into consecutive chunks of ``chunk_size``: G's batches, the ranks' unit."""
+        photos = self.listing.photos
+        return [photos[i : i + self.chunk_size] for i in range(0, len(photos), self.chunk_size)]
+
+    def my_todo(self, journal: dict[str, dict[str, Any]]) -> tuple[list[tuple[list[str], set[str]]], int, int]:
+        """This rank's chunks with a photo not done yet, each with the set of its photos to write; also the number
+        of photos to write and of photos already done. Ownership comes from the full chunk list first, so ranks of
+        a rerun agree on it whatever each has finished."""
+        todo, to_write, skipped = [], 0, 0
+        for chunk in assign_shards(self.chunks(), self.rank, self.world):  # type: ignore[arg-type]
+            write = {p for p in chunk if not already_done(journal.get(p), self.in_dir / p, self.out_dir / p)}
+            skipped += len(chunk) - len(write)
+            if write:
+                todo.append((chunk, write))
+                to_write += len(write)
+            for rel in write:  # temporaries of this rank's own killed writes (another rank's are not touched)
+                out = self.out_dir / rel
+                for tmp in out.parent.glob(f".{out.name}.*.tmp") if out.parent.is_dir() else []:
+                    tmp.unlink(missing_ok=True)
+        return todo, to_write, skipped
 
     def run(self) -> FolderSummary:
         start = time.perf_counter()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for message in check_or_record_settings(self.out_dir, self.context()):
             self.warn(message)
-        todo, skipped = self.my_todo(load_journal(self.out_dir))
-        summary = FolderSummary(self.rank, self.world, len(todo) + skipped, skipped)
+        todo, to_write, skipped = self.my_todo(load_journal(self.out_dir))
+        summary = FolderSummary(self.rank, self.world, to_write + skipped, skipped)
         if todo:
             if self.device.type == "cpu":
-                torch.set_num_threads(1)  # the parallelism is across photos (see Perturber._one)
-            perturber = Perturber(self.generator, self.device, self.levels, threads=1)
+                torch.set_num_threads(1)  # the parallelism is across chunks (see Perturber._forward)
+            perturber = Perturber(self.generator, self.device, self.levels, threads=1, batched=True)
             journal = Journal(self.out_dir, self.rank, self.world)
             try:
-                summary.entries = self._loop(todo, perturber, journal)
+                summary.entries = self._loop(todo, to_write, perturber, journal)
             finally:
                 journal.close()
                 perturber.close()
         summary.seconds = time.perf_counter() - start
         return summary
 
-    def _loop(self, todo: list[str], perturber: Perturber, journal: Journal) -> list[dict[str, Any]]:
-        """Photos run in a thread pool, at most ``2 x threads`` in flight (memory stays flat in the number of
+    def _loop(
+        self, todo: list[tuple[list[str], set[str]]], to_write: int, perturber: Perturber, journal: Journal
+    ) -> list[dict[str, Any]]:
+        """Chunks run in a thread pool, at most ``threads + 1`` in flight (memory stays flat in the number of
         photos); the main thread journals results in input order and drives the progress bar."""
-        pool = make_thread_pool(self.threads, "photo")
+        pool = make_thread_pool(self.threads, "chunk")
         pending: deque[Future] = deque()
         done: list[dict[str, Any]] = []
         show = self.opts.progress and self.rank == 0
         with make_progress(disable=not show) as progress:
-            task = progress.add_task(f"protect rank {self.rank}/{self.world}", total=len(todo))
+            task = progress.add_task(f"protect rank {self.rank}/{self.world}", total=to_write)
             t0 = time.perf_counter()
 
             def collect(limit: int) -> None:
                 while len(pending) > limit:
-                    entry = pending.popleft().result()
-                    journal.add(entry)
-                    done.append(entry)
+                    for entry in pending.popleft().result():
+                        journal.add(entry)
+                        done.append(entry)
                     rate = len(done) / max(time.perf_counter() - t0, 1e-9)
                     progress.update(task, completed=len(done), info=f"{rate:,.1f} img/s")
 
             try:
-                for rel in todo:
-                    pending.append(pool.submit(self.protect_one, rel, perturber))
-                    collect(2 * self.threads)
+                for chunk, write in todo:
+                    pending.append(pool.submit(self.protect_chunk, chunk, write, perturber))
+                    collect(self.threads)
                 collect(0)
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
         return done
 
-    def protect_one(self, rel: str, perturber: Perturber) -> dict[str, Any]:
-        """Protect one photo and write it atomically; returns its journal entry (written or quarantined)."""
-        src, dst = self.in_dir / rel, self.out_dir / rel
+    def open_one(self, rel: str) -> tuple[dict[str, Any], OpenedPhoto | None, str]:
+        """A photo's journal entry so far, and the opened photo or the reason it is quarantined."""
+        src = self.in_dir / rel
         entry: dict[str, Any] = {"path": rel, "input": input_stamp(src), "rank": self.rank}
-        label = self.labels.get(rel)
-        if label is None:
+        if rel not in self.labels:
             where = f"not in --labels {self.opts.labels}" if self.opts.labels else "not inside an identity folder"
-            return {**entry, "status": "quarantined", "reason": f"no label: {where}"}
+            return entry, None, f"no label: {where}"
         try:
-            data = src.read_bytes()
+            photo = open_for_protect(src.read_bytes(), self.opts.max_pixels, self.face_size, self.opts.keep_metadata)
+            return entry, photo, ""
         except OSError as exc:
-            return {**entry, "status": "quarantined", "reason": f"unreadable: {exc}"}
-        result = protect_photo(data, label, perturber, self.spec, self.face_size, self.opts.max_pixels)
+            return entry, None, f"unreadable: {exc}"
+        except BadImage as exc:
+            return entry, None, str(exc)
+
+    def protect_chunk(self, chunk: list[str], write: set[str], perturber: Perturber) -> list[dict[str, Any]]:
+        """Protect one chunk: G over every photo that opens (the batch is the whole chunk, so it does not depend on
+        what an earlier run finished), then write the photos in ``write`` atomically; returns their journal
+        entries (written or quarantined) in input order."""
+        if self.delay:
+            time.sleep(self.delay)  # tests only: a window for kill -9 between chunks
+        opened = [self.open_one(rel) for rel in chunk]
+        ready = [(rel, photo) for rel, (_, photo, _) in zip(chunk, opened, strict=True) if photo is not None]
+        deltas = face_deltas([p for _, p in ready], [self.labels[rel] for rel, _ in ready], perturber)
+        delta_of = {rel: d for (rel, _), d in zip(ready, deltas, strict=True)}
+        entries = []
+        for rel, (entry, photo, reason) in zip(chunk, opened, strict=True):
+            if rel not in write:
+                continue
+            if photo is None:
+                entries.append({**entry, "status": "quarantined", "reason": reason})
+                continue
+            result = finish_photo(photo, delta_of[rel], self.spec)
+            entries.append(self.written(rel, entry, result))
+        return entries
+
+    def written(self, rel: str, entry: dict[str, Any], result: PhotoResult) -> dict[str, Any]:
+        """Write one protected photo atomically; its journal entry (or a quarantine entry if the check failed)."""
         encoded = result.encoded
         if encoded.data is None or encoded.check is None:
             return {**entry, "status": "quarantined", "reason": encoded.error or "encoding failed", "mode": result.mode}
+        dst = self.out_dir / rel
         atomic_write_bytes(dst, encoded.data)
         check = encoded.check
         return {
             **entry,
             "status": "written",
-            "label": label,
+            "label": self.labels[rel],
             "mode": result.mode,
             "format": result.format,
             "bytes": len(encoded.data),

@@ -38,6 +38,9 @@ class ProtectOptions:
     progress: bool = True
     input_format: str = "auto"  # shards | folder | auto (folder when --in is a folder without sizes.json or tars)
     face_size: int = 0  # folder mode: short side δ is computed at; 0 = G's training size (generator.json), else 112
+    keep_metadata: bool = (
+        False  # folder mode: keep ICC + EXIF (never GPS, thumbnail, MakerNote, XMP); protect/metadata.py
+    )
 
     def __post_init__(self) -> None:
         if self.format == "jpg":

@@ -3,7 +3,8 @@ back in its own format, and checked against ε on the decoded bytes of what is w
 
 A photo is split into *planes*: the colour plane G perturbs (RGB, or one gray channel that gets a luminance δ),
 the alpha plane (kept bit for bit) and, for 16-bit gray, the 16-bit samples (δ is added in whole 8-bit levels,
-i.e. multiples of 257). Metadata (EXIF, ICC, XMP, text chunks) is never copied: the written file carries pixels only.
+i.e. multiples of 257). Metadata (EXIF, ICC, XMP, text chunks) is not copied: the written file carries pixels only,
+unless ``--keep-metadata`` asks for the ICC profile and EXIF without GPS or thumbnail (:mod:`.metadata`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from segue_dist.data.images import BadImage, _upright, decode_image, to_rgb
+from segue_dist.data.images import BadImage, _upright, open_image, to_rgb
 from segue_dist.protect.codecs import EncodedImage, EncodeSpec, measure
 from segue_dist.protect.compute import Perturber
+from segue_dist.protect.metadata import NO_METADATA, Metadata, kept_metadata
 from segue_dist.protect.options import MIN_SIDE
-from segue_dist.protect.quantise import quantise_protected
 
 # Formats written back as themselves, all losslessly except JPEG (PIL format names).
 LOSSLESS_FORMATS = ("PNG", "WEBP", "BMP", "TIFF")
@@ -48,22 +49,21 @@ class Planes:
 def open_photo(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
     """Bytes -> (upright, fully loaded PIL image in its own mode, output format name), or ``BadImage``.
 
-    The bytes first go through the project's one careful decoder (``decode_image``: bombs, truncation, malformed
-    headers), so a file it refuses is quarantined with the same reason as in shard mode.
+    Decoded once, by the project's one careful decoder (``open_image``: bombs, truncation, malformed headers), so a
+    file it refuses is quarantined with the same reason as in shard mode.
     """
-    decode_image(data, max_pixels)
-    img = Image.open(io.BytesIO(data))
-    if img.format == "GIF":
-        frames = getattr(img, "n_frames", 1)
-        if frames > 1:
-            raise BadImage(f"animated GIF ({frames} frames): not protected (frame-by-frame output is not supported)")
+    opened = open_image(data, max_pixels)
+    if opened.format == "GIF":
+        if opened.frames > 1:
+            raise BadImage(
+                f"animated GIF ({opened.frames} frames): not protected (frame-by-frame output is not supported)"
+            )
         raise BadImage("GIF: its 256-colour palette cannot hold the perturbation within ε (convert it to PNG)")
     # Phone JPEGs are often MPO (a JPEG plus a preview frame): the first frame is the photo.
-    fmt = "JPEG" if img.format == "MPO" else str(img.format)
+    fmt = "JPEG" if opened.format == "MPO" else opened.format
     if fmt not in OUTPUT_FORMATS:
         raise BadImage(f"{fmt}: no writer that keeps this format within ε ({', '.join(OUTPUT_FORMATS)} are)")
-    img.load()
-    img = _upright(img)
+    img = opened.image
     if min(img.size) < MIN_SIDE:
         raise BadImage(f"too small: {img.width}x{img.height} (G needs sides >= {MIN_SIDE})")
     return img, fmt
@@ -84,7 +84,7 @@ def read_planes(img: Image.Image) -> Planes:
     if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in img.info):
         rgba = np.asarray(img.convert("RGBA"), dtype=np.uint8)
         return Planes(rgba[..., :3].copy(), alpha=rgba[..., 3].copy())
-    return Planes(np.asarray(img.convert("RGB"), dtype=np.uint8))
+    return Planes(np.asarray(img if mode == "RGB" else img.convert("RGB"), dtype=np.uint8))
 
 
 def face_shape(height: int, width: int, face_size: int) -> tuple[int, int]:
@@ -96,39 +96,62 @@ def face_shape(height: int, width: int, face_size: int) -> tuple[int, int]:
     return max(MIN_SIDE, round(height * scale)), max(MIN_SIDE, round(width * scale))
 
 
-def face_scale_delta(rgb: np.ndarray, label: int, perturber: Perturber, face_size: int) -> torch.Tensor:
-    """G's δ for an (H, W, 3) uint8 photo, (1, H, W, 3) float in [0, 1] units, computed at the face scale.
-
-    G is fully convolutional: run at full size it draws its pattern at full-size scale, which an attacker who
-    resizes faces to the training size averages away. So δ is computed on the photo resized to ``face_size``
-    (short side) and upsampled bilinearly: smooth at full size, and back to G's own pattern after the attacker's
-    resize. Bilinear weights are convex, so the upsampled δ stays within G's bound; the integer clamp enforces ε.
-    """
+def face_input(planes: Planes, face_size: int) -> np.ndarray:
+    """What G sees of a photo: its colour as (h, w, 3) uint8 RGB at the face scale (``face_shape``; a gray photo's
+    level repeated in R, G and B). Down-sampling is PIL's antialiased bicubic, as ``segue shards build`` resizes."""
+    rgb = np.repeat(planes.colour, 3, axis=2) if planes.gray else planes.colour
     height, width = rgb.shape[:2]
     small_h, small_w = face_shape(height, width, face_size)
-    small = rgb
-    if (small_h, small_w) != (height, width):
-        small = np.asarray(Image.fromarray(rgb).resize((small_w, small_h), Image.Resampling.BICUBIC, reducing_gap=3.0))
-    labels = torch.tensor([label], dtype=torch.long)
-    delta = perturber.deltas(torch.from_numpy(np.array(small))[None], labels).float().cpu()
-    if (small_h, small_w) != (height, width):
-        delta = F.interpolate(delta.permute(0, 3, 1, 2), size=(height, width), mode="bilinear", align_corners=False)
-        delta = delta.permute(0, 2, 3, 1)
-    return delta
+    if (small_h, small_w) == (height, width):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((small_w, small_h), Image.Resampling.BICUBIC, reducing_gap=3.0))
 
 
-def protect_planes(planes: Planes, label: int, perturber: Perturber, face_size: int, levels: int) -> Planes:
-    """The protected planes: colour within ``levels`` of the original (integer clamp), alpha unchanged."""
-    rgb = np.repeat(planes.colour, 3, axis=2) if planes.gray else planes.colour
-    delta = face_scale_delta(rgb, label, perturber, face_size)
+def upsample_delta(delta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """G's face-scale δ (h, w, C) float -> (height, width, C) float, bilinear (no-op at the same size).
+
+    G is fully convolutional: run at full size it draws its pattern at full-size scale, which an attacker who
+    resizes faces to the training size averages away. So δ is computed at the face scale and upsampled: smooth at
+    full size, and back to G's own pattern after the attacker's resize. Bilinear weights are convex, so the
+    upsampled δ stays within G's bound. Computed channels-last (the NHWC tensor seen as NCHW), which keeps the
+    interpolation and the (H, W, C) result free of layout copies.
+    """
+    if tuple(delta.shape[:2]) == (height, width):
+        return delta
+    nchw = delta.permute(2, 0, 1)[None]
+    return F.interpolate(nchw, size=(height, width), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+
+
+def delta_steps(delta: torch.Tensor, levels: int) -> torch.Tensor:
+    """Float δ in [0, 1] units -> whole uint8 levels (int16), rounded and clamped to ``[-levels, levels]``: adding
+    them to an integer image and clipping to [0, 255] keeps ``|protected - original| <= levels`` exactly."""
+    return delta.mul(255.0).round_().clamp_(-levels, levels).to(torch.int16)
+
+
+def face_scale_delta(rgb: np.ndarray, label: int, perturber: Perturber, face_size: int) -> torch.Tensor:
+    """G's δ for one (H, W, 3) uint8 photo, (1, H, W, 3) float in [0, 1] units: computed at the face scale
+    (``face_input``) and upsampled to the photo's size (``upsample_delta``)."""
+    small = face_input(Planes(rgb), face_size)
+    delta = perturber.deltas(torch.from_numpy(np.array(small))[None], torch.tensor([label]))[0].float().cpu()
+    return upsample_delta(delta, *rgb.shape[:2])[None]
+
+
+def protect_planes(planes: Planes, face_delta: torch.Tensor, levels: int) -> Planes:
+    """The protected planes from G's face-scale δ (h, w, 3): colour within ``levels`` of the original (integer
+    clamp), alpha unchanged, 16-bit samples moved by the same whole levels."""
     if planes.gray:
-        # One δ for R, G and B: its luma, so a black-and-white photo stays black-and-white.
-        delta = sum(w * delta[..., i : i + 1] for i, w in enumerate(LUMA))
-    colour = quantise_protected(torch.from_numpy(np.array(planes.colour))[None], delta, levels)[0].numpy()
+        # One δ for R, G and B: its luma, so a black-and-white photo stays black-and-white. Luma and bilinear
+        # up-sampling are both linear, so taking the luma first (on the small δ) gives the same δ for less work.
+        face_delta = sum(w * face_delta[..., i : i + 1] for i, w in enumerate(LUMA))  # type: ignore[assignment]
+    height, width = planes.colour.shape[:2]
+    # On the device δ was computed on: with G on a GPU the up-sampling runs there too, and only whole levels
+    # come back to the host, whose cores are busy with the codecs.
+    steps = delta_steps(upsample_delta(face_delta.float(), height, width), levels).cpu()
+    colour = np.clip(planes.colour.astype(np.int16) + steps.numpy(), 0, 255).astype(np.uint8)
     deep = None
     if planes.deep is not None:
-        steps = colour.astype(np.int64)[..., 0] - planes.colour.astype(np.int64)[..., 0]
-        deep = np.clip(planes.deep.astype(np.int64) + DEEP_STEP * steps, 0, 65535).astype(np.uint16)
+        moved = colour.astype(np.int64)[..., 0] - planes.colour.astype(np.int64)[..., 0]
+        deep = np.clip(planes.deep.astype(np.int64) + DEEP_STEP * moved, 0, 65535).astype(np.uint16)
     return Planes(colour, planes.alpha, deep)
 
 
@@ -142,20 +165,23 @@ def planes_image(planes: Planes) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(colour))
 
 
-def encode_photo(img: Image.Image, fmt: str, spec: EncodeSpec) -> bytes:
-    """Encode in ``fmt`` with no metadata; lossless settings for every format but JPEG."""
+def encode_photo(img: Image.Image, fmt: str, spec: EncodeSpec, metadata: Metadata = NO_METADATA) -> bytes:
+    """Encode in ``fmt`` with only the given metadata (none by default); lossless settings for every format but
+    JPEG."""
     buf = io.BytesIO()
+    if fmt == "JPEG" and img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
+    extra = metadata.save_options(fmt, img.mode)
     if fmt == "JPEG":
-        if img.mode not in ("L", "RGB"):
-            img = img.convert("RGB")
         # 4:4:4 at high quality, as the shard encoder does: chroma subsampling alone would exceed ε on edges.
-        img.save(buf, format="JPEG", quality=spec.jpeg_quality, subsampling=0 if spec.jpeg_quality >= 90 else 2)
+        subsampling = 0 if spec.jpeg_quality >= 90 else 2
+        img.save(buf, format="JPEG", quality=spec.jpeg_quality, subsampling=subsampling, **extra)
     elif fmt == "PNG":
-        img.save(buf, format="PNG", compress_level=spec.png_level)
+        img.save(buf, format="PNG", compress_level=spec.png_level, **extra)
     elif fmt == "WEBP":
-        img.save(buf, format="WEBP", lossless=True, exact=True)
+        img.save(buf, format="WEBP", lossless=True, exact=True, **extra)
     else:
-        img.save(buf, format=fmt)
+        img.save(buf, format=fmt, **extra)
     return buf.getvalue()
 
 
@@ -196,18 +222,63 @@ class PhotoResult:
     format: str = ""
 
 
+@dataclass
+class OpenedPhoto:
+    """A photo between decode and G: its planes, input mode, output format, ``face`` (what G sees, h x w x 3) and
+    the metadata to write with it."""
+
+    planes: Planes
+    mode: str
+    format: str
+    face: np.ndarray
+    metadata: Metadata = NO_METADATA
+
+
+def open_for_protect(data: bytes, max_pixels: int, face_size: int, keep_metadata: bool = False) -> OpenedPhoto:
+    """Bytes -> an ``OpenedPhoto`` ready for G, or ``BadImage`` with the reason it is quarantined."""
+    img, fmt = open_photo(data, max_pixels)
+    planes = read_planes(img)
+    metadata = kept_metadata(img) if keep_metadata else NO_METADATA
+    return OpenedPhoto(planes, img.mode, fmt, face_input(planes, face_size), metadata)
+
+
+def finish_photo(photo: OpenedPhoto, face_delta: torch.Tensor, spec: EncodeSpec) -> PhotoResult:
+    """Add G's face-scale δ (h, w, 3) to the photo, encode it in its own format and check the written bytes."""
+    protected = protect_planes(photo.planes, face_delta, spec.levels)
+    try:
+        written = encode_photo(planes_image(protected), photo.format, spec, photo.metadata)
+    except (OSError, ValueError) as exc:
+        reason = f"{photo.format} encoder refused {photo.mode}: {exc}"
+        return PhotoResult(EncodedImage(None, None, reason), photo.mode, photo.format)
+    return PhotoResult(verify_written(written, photo.planes, photo.format, spec.levels), photo.mode, photo.format)
+
+
+def face_deltas(photos: list[OpenedPhoto], labels: list[int], perturber: Perturber) -> list[torch.Tensor]:
+    """G's δ (h, w, 3) for each photo, on the device G ran on: one forward per face shape, over the photos in the
+    order given.
+
+    The batches are made from the list as given (grouped by face shape, first-seen order), so the same list gives
+    the same bytes whoever runs it; folder mode passes fixed chunks of the sorted input list.
+    """
+    out: list[torch.Tensor | None] = [None] * len(photos)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, photo in enumerate(photos):
+        groups.setdefault(photo.face.shape, []).append(i)
+    for members in groups.values():
+        faces = torch.from_numpy(np.stack([photos[i].face for i in members]))
+        deltas = perturber.deltas(faces, torch.tensor([labels[i] for i in members], dtype=torch.long))
+        for j, i in enumerate(members):
+            out[i] = deltas[j]
+    return [d for d in out if d is not None]
+
+
 def protect_photo(
     data: bytes, label: int, perturber: Perturber, spec: EncodeSpec, face_size: int, max_pixels: int
 ) -> PhotoResult:
-    """Input bytes -> the bytes to write (checked against ε) or the reason the photo is quarantined."""
+    """Input bytes -> the bytes to write (checked against ε) or the reason the photo is quarantined (one photo;
+    folder mode runs the same stages over chunks of photos)."""
     try:
-        img, fmt = open_photo(data, max_pixels)
+        photo = open_for_protect(data, max_pixels, face_size)
     except BadImage as exc:
         return PhotoResult(EncodedImage(None, None, str(exc)))
-    original = read_planes(img)
-    protected = protect_planes(original, label, perturber, face_size, spec.levels)
-    try:
-        written = encode_photo(planes_image(protected), fmt, spec)
-    except (OSError, ValueError) as exc:
-        return PhotoResult(EncodedImage(None, None, f"{fmt} encoder refused {img.mode}: {exc}"), img.mode, fmt)
-    return PhotoResult(verify_written(written, original, fmt, spec.levels), img.mode, fmt)
+    return finish_photo(photo, face_deltas([photo], [label], perturber)[0], spec)

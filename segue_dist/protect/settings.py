@@ -38,7 +38,7 @@ def protect_settings(
 
 
 # Keys whose change would make one output set mix two different protections: a resume refuses them.
-SETTINGS_MUST_MATCH = ("generator_sha256", "eps", "format", "png_level", "jpeg_quality", "labels")
+SETTINGS_MUST_MATCH = ("generator_sha256", "eps", "format", "png_level", "jpeg_quality", "labels", "metadata")
 # Keys whose change keeps the protection valid but may flip the odd uint8 rounding: a resume warns.
 SETTINGS_SHOULD_MATCH = ("compute", "batch_size")
 

@@ -1,0 +1,202 @@
+"""Scale-aware protection of full-size photos (issue 13, item 2): does a G trained at 64 px protect the 250x250 LFW
+originals once the attacker resizes them to the size it trains at?
+
+    python bench/scale_aware.py --generator runs/lfw62_true/generator.safetensors --shards shards/lfw62
+
+Inputs: the README's LFW-62 run (``segue shards build ... --size 64`` and the 64 px training of G). The train/test
+split is read from those shards (each sample's JSON names its source photo), so the originals, the victims' test
+faces and the README's own rows are the same photos.
+
+Steps, each the `segue` command a user runs (skipped when its output is complete, so a rerun resumes):
+
+1. copy the split's original 250x250 JPEGs out of ``$SEGUE_FACES/lfw423`` into ``<work>/originals/{train,test}``
+   (outside the repository);
+2. ``segue protect`` the training originals in folder mode, twice: ``face_scale`` (δ computed at G's training size,
+   64 px short side, and upsampled: the default) and ``full_size`` (``--face-size 4096``: G run on the 250 px photo
+   itself, the naive way, which draws its pattern at 4x the scale G learnt);
+3. the attacker's pipeline: ``segue shards build --size S`` of each training folder (clean, face_scale, full_size)
+   and of the clean test originals, for every S in ``--sizes`` (default 112 and 64: resize short side, centre crop);
+4. victims: ResNet-18 from scratch on each training set at its size, tested on the clean test faces
+   (``segue evaluate sweep``, one row per process, ``--jobs`` at a time, one thread each).
+
+Result: ``bench/results/protection/scale_aware/lfw62.json`` (accuracy per size x method x attack, chance, the
+protect manifests' ε / PSNR, the generator's SHA-256, timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from segue_dist.checkpoint import file_sha256  # noqa: E402
+from segue_dist.demo import run_rows_in_parallel  # noqa: E402
+from segue_dist.utils.io import atomic_write_json, read_json  # noqa: E402
+from segue_dist.utils.progress import console, print_table  # noqa: E402
+
+# Folder-mode variants: name -> `segue protect` flags. 4096 px is above any LFW photo, so G runs at the photo's size.
+VARIANTS = {"face_scale": [], "full_size": ["--face-size", "4096"]}
+
+
+def segue(*args: str) -> None:
+    """Run one `segue` command as a user would (one intra-op thread: the victims run beside it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "segue_dist.cli", *args]
+    console.print(f"[dim]$ segue {' '.join(args)}[/]")
+    subprocess.run(cmd, cwd=REPO, env=env, check=True)
+
+
+def shard_sources(split_dir: Path) -> list[str]:
+    """Source paths (relative to the corpus root) of every sample in a shard split, from each sample's JSON."""
+    sources = []
+    for tar in sorted(split_dir.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for member in tf:
+                if member.name.endswith(".json"):
+                    sources.append(json.loads(tf.extractfile(member).read())["source"])  # type: ignore[union-attr]
+    return sorted(sources)
+
+
+def copy_originals(shards: Path, corpus: Path, originals: Path) -> dict[str, int]:
+    """``<originals>/<split>/<identity>/<file>`` for the shards' train and test samples; returns counts per split."""
+    counts = {}
+    for split in ("train", "test"):
+        sources = shard_sources(shards / split)
+        for rel in sources:
+            dst = originals / split / rel
+            if not dst.is_file():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(corpus / rel, dst)
+        counts[split] = len(sources)
+    return counts
+
+
+def build_attack_shards(src: Path, out: Path, size: int) -> None:
+    """The attacker's resize: every photo of ``src`` (identity folders) into one train split at ``size`` px."""
+    if not (out / "train" / "sizes.json").is_file():
+        segue("shards", "build", "--src", str(src), "--out", str(out), "--size", str(size),
+              "--min-per-identity", "1", "--test-per-identity", "0", "--samples-per-shard", "200")  # fmt: skip
+
+
+def sweep_config(work: Path, size: int, train_sets: dict[str, Path], args: argparse.Namespace) -> Path:
+    """One sweep per attacker size: every training set x ResNet-18 x the attacks, tested on clean faces."""
+    attack_rows = {"none": {"name": "none"}, "jpeg10": {"name": "jpeg10", "jpeg_quality": 10}}
+    cfg = {
+        "name": f"scale_aware_{size}",
+        "out": str(work / "eval" / f"size{size}"),
+        "seed": args.seed,
+        "data": {
+            "dataset": "lfw62",
+            "clean_train": str(train_sets["clean"]),
+            "test": str(work / f"attack/test_{size}/train"),
+        },
+        "methods": [{"name": n} if n == "clean" else {"name": n, "train": str(p)} for n, p in train_sets.items()],
+        "victims": ["resnet18"],
+        "attacks": [attack_rows[a] for a in args.attacks],
+        "train": {"size": size, "epochs": args.epochs, "batch_size": 64, "optimizer": "adam", "small_stem": False},
+        "quality": False,
+    }
+    path = work / f"sweep_{size}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def manifest_stats(out_dir: Path) -> dict[str, Any]:
+    """ε and quality of a folder-mode output, from its manifest and journal (decoded from the written files)."""
+    manifest = read_json(out_dir / "manifest.json")
+    keep = ("photos", "written", "quarantined", "ignored", "balanced", "measured_max_abs", "formats")
+    return {k: manifest[k] for k in keep if k in manifest}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--generator", default="runs/lfw62_true/generator.safetensors")
+    p.add_argument("--shards", default="shards/lfw62", help="the README's LFW-62 shards (train/test split)")
+    p.add_argument("--faces", default=os.environ.get("SEGUE_FACES", str(REPO.parent / "shared" / "data")))
+    p.add_argument("--shard-protected", default="runs/lfw62_true/protected/train",
+                   help="the README's protected 64 px shards: the reference row at 64 px ('' = leave out)")  # fmt: skip
+    p.add_argument("--work", default="runs/scale_aware")
+    p.add_argument("--sizes", type=int, nargs="+", default=[112, 64])
+    p.add_argument("--attacks", nargs="+", default=["none"], choices=["none", "jpeg10"])
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(REPO / "bench/results/protection/scale_aware/lfw62.json"))
+    args = p.parse_args()
+
+    work, t0, timings = Path(args.work).resolve(), time.perf_counter(), {}
+    corpus = Path(args.faces) / "lfw423"
+    if not corpus.is_dir():
+        raise SystemExit(f"scale_aware: no LFW corpus at {corpus} (set --faces or SEGUE_FACES)")
+    counts = copy_originals(Path(args.shards), corpus, work / "originals")
+    timings["originals_s"] = time.perf_counter() - t0
+
+    protected = {}
+    for name, flags in VARIANTS.items():
+        out = work / "protected" / name
+        t = time.perf_counter()
+        if not (out / "manifest.json").is_file():
+            segue("protect", "--generator", args.generator, "--in", str(work / "originals/train"), "--out", str(out),
+                  "--no-progress", *flags)  # fmt: skip
+        timings[f"protect_{name}_s"] = time.perf_counter() - t
+        protected[name] = out
+
+    results: dict[str, Any] = {}
+    for size in args.sizes:
+        build_attack_shards(work / "originals/test", work / f"attack/test_{size}", size)
+        train_sets = {"clean": work / f"attack/clean_{size}/train"}
+        build_attack_shards(work / "originals/train", work / f"attack/clean_{size}", size)
+        for name, folder in protected.items():
+            build_attack_shards(folder, work / f"attack/{name}_{size}", size)
+            train_sets[name] = work / f"attack/{name}_{size}/train"
+        if args.shard_protected and Path(args.shard_protected).is_dir() and size == 64:
+            train_sets["shards_64px"] = Path(args.shard_protected).resolve()
+        experiment = sweep_config(work, size, train_sets, args)
+        t = time.perf_counter()
+        run_rows_in_parallel(experiment, [], args.jobs, work / "eval" / f"size{size}" / "logs")
+        segue("evaluate", "sweep", "--config", str(experiment))  # collects the rows' JSONs into results.json
+        timings[f"victims_{size}_s"] = time.perf_counter() - t
+        sweep = read_json(work / "eval" / f"size{size}" / "results.json")
+        results[str(size)] = {f"{r['tags']['method']}/{r['tags']['attack']}": r["final_acc"] for r in sweep["rows"]}
+        results[str(size)]["chance"] = sweep["rows"][0]["chance"]
+
+    report = {
+        "kind": "scale_aware_protection",
+        "question": "does a G trained at 64 px protect 250x250 originals after the attacker's resize to S px?",
+        "generator": args.generator,
+        "generator_sha256": file_sha256(Path(args.generator)),
+        "data": {"shards": args.shards, "photos": counts, "original_size": [250, 250]},
+        "variants": {
+            "face_scale": "folder mode default: δ at G's training size (64 px short side), upsampled bilinearly",
+            "full_size": "--face-size 4096: G run on the 250 px photo itself (pattern at 4x G's scale)",
+            "shards_64px": "the README's shard mode: G on the 64 px training shards (G's own setting; reference)",
+        },
+        "protect": {name: manifest_stats(out) for name, out in protected.items()},
+        "victim": {"arch": "resnet18", "epochs": args.epochs, "optimizer": "adam", "small_stem": False},
+        "accuracy_pct": results,
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "total_s": round(time.perf_counter() - t0, 1),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(args.out), report)
+    rows = [[size, *(f"{v:.1f}" for v in accs.values())] for size, accs in results.items()]
+    print_table("scale-aware protection: clean-test accuracy (%)", ["size", *next(iter(results.values()))], rows)
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
