@@ -70,8 +70,8 @@ def training_launcher(processes: int) -> list[str]:
         config, n = "cpu_2proc.yaml", processes
     launch = [accelerate, "launch", "--config_file", str(REPO / "configs/accelerate" / config)]
     if n > 1:
-        # A free port, not the config's 29500: another run (or a stale one) holding 29500 makes Accelerate print
-        # "Port 29500 is already in use", which reads as an error.
+        # A free port (the single-node configs say main_process_port: 0 as well): another run, or a stale one,
+        # holding Accelerate's default 29500 would make it print "Port 29500 is already in use", read as an error.
         launch += ["--num_processes", str(n), "--main_process_port", str(free_port())]
     return [*launch, "-m", "segue_dist.train"]
 

@@ -95,7 +95,7 @@ def run_epoch(
     meter = EpochMeter(stage)
     s.stream.set_epoch(epoch, skip_batches=skip)
     t0 = time.perf_counter()
-    for batch_index, (images, labels, skipped) in enumerate(train_loader(s.stream, cfg.data.num_workers), start=skip):
+    for batch_index, (images, labels, skipped) in enumerate(train_loader(s.stream, s.workers), start=skip):
         x, y = to_float_images(images, s.rt), labels.to(s.rt.device, non_blocking=True)  # Algorithm 1, lines 3/10
         losses = take_step(stage, s, x, y, cfg)
         step += 1
@@ -280,7 +280,8 @@ def describe(s: TrainingSetup, cfg: TrainConfig) -> str:
     return (
         f"[bold]segue train[/]: {s.num_samples} samples, K={s.labels.num_classes} ({s.labels.source}), "
         f"{rt.world_size} process(es) on {rt.device.type}{' with DeepSpeed' if rt.deepspeed else ''}, "
-        f"{s.batches} batches of {cfg.data.batch_size} per process per epoch"
+        f"{s.batches} batches of {cfg.data.batch_size} per process per epoch, "
+        f"{s.workers} loader worker(s) per process{f' ({s.workers_note})' if s.workers_note else ''}"
     )
 
 

@@ -271,7 +271,7 @@ def test_baseline_writer_respects_eps_and_keeps_the_layout(method: str, tiny: Pa
 
 def test_image_quality_pairs_by_key(tiny: Path, tmp_path: Path) -> None:
     same = image_quality_between(str(tiny / "train"), str(tiny / "train"))
-    assert same["counts"] == {"pairs": 36, "unpaired": 0, "size_mismatch": 0}
+    assert same["counts"] == {"pairs": 36, "unpaired": 0, "resized": 0}
     assert (
         same["metrics"]["linf"] == 0 and same["metrics"]["psnr"] == 100 and same["metrics"]["ssim"] == pytest.approx(1)
     )
@@ -283,6 +283,20 @@ def test_image_quality_pairs_by_key(tiny: Path, tmp_path: Path) -> None:
     q = image_quality_between(str(tiny / "train"), str(out))
     assert q["metrics"]["linf_255"] <= 8 and 25 < q["metrics"]["psnr"] < 60 and q["metrics"]["ssim"] < 1
     assert q["metrics"]["mae"] < 8 / 255 and q["metrics"]["rmse"] >= q["metrics"]["mae"]
+
+
+def test_image_quality_of_a_baseline_made_at_another_size(tiny: Path, tmp_path: Path) -> None:
+    """A sweep makes baselines at the victims' size (README: 32 px from 64 px shards): their quality is measured
+    against the clean image resized as the loaders resize it, the image the baseline started from."""
+    out = tmp_path / "random16"
+    write_baseline(
+        BaselineConfig(method="random", in_dir=str(tiny / "train"), out_dir=str(out), size=16, device="cpu"),
+        show_progress=False,
+    )
+    q = image_quality_between(str(tiny / "train"), str(out))
+    assert q["counts"] == {"pairs": 36, "unpaired": 0, "resized": 36} and "size" in q["notes"]
+    # ε holds against the resized source: a different resize (or none) would show as far more than 8 levels
+    assert q["metrics"]["linf_255"] <= 8 and 25 < q["metrics"]["psnr"] < 60
 
 
 def test_quality_lpips_from_local_weights_only(tiny: Path, tmp_path: Path) -> None:

@@ -1,87 +1,24 @@
 """The README's command blocks run as written: real verbs and flags, existing configs, and each command reads what an
-earlier one wrote (fast: commands are parsed, never run)."""
+earlier one wrote (fast: commands are parsed, never run; tests/test_readme_run.py runs the LFW-62 blocks)."""
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 import yaml
-
-from segue_dist.cli import VERBS
-
-REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
-GIVEN = ("../shared/",)  # inputs a user brings (the face corpus), not produced by a README command
-
-# Flags whose value is a path one command reads / writes.
-READS = {"--generator", "--in", "--labels", "--shards", "--extractor", "--results", "--config"}
-WRITES = {"--out"}
-
-
-def bash_blocks(text: str) -> list[str]:
-    return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-
-
-def commands(block: str) -> list[str]:
-    """One string per command: continuation lines joined, comments and blank lines dropped."""
-    joined = block.replace("\\\n", " ")
-    out = []
-    for line in joined.splitlines():
-        line = re.sub(r"(^|\s)#.*$", "", line).strip()
-        if line:
-            out.append(line)
-    return out
-
-
-def expand(words: list[str], env: dict[str, str]) -> list[str]:
-    return [re.sub(r"\$(\w+)", lambda m: env.get(m.group(1), m.group(0)), w) for w in words]
-
-
-def readme_commands() -> list[list[str]]:
-    """Every README command as words, with the README's own shell variables (S=...) substituted."""
-    env: dict[str, str] = {}
-    result = []
-    for block in bash_blocks(README.read_text()):
-        for command in commands(block):
-            words = expand(shlex.split(command), env)
-            if len(words) == 1 and re.fullmatch(r"\w+=\S+", words[0]):
-                name, value = words[0].split("=", 1)
-                env[name] = value
-                continue
-            result.append(words)
-    return result
-
-
-def verb_parser(verb: str) -> argparse.ArgumentParser:
-    """The real parser of `segue <verb>` (what `segue <verb> --help` shows)."""
-    parser = argparse.ArgumentParser(prog=f"segue {verb}", exit_on_error=False)
-    importlib.import_module(VERBS[verb][0]).add_arguments(parser)
-    return parser
-
-
-def parse_segue(words: list[str]) -> argparse.Namespace:
-    verb = words[1]
-    assert verb in VERBS, f"`segue {verb}` is not a verb: {sorted(VERBS)}"
-    try:
-        return verb_parser(verb).parse_args(words[2:])
-    except SystemExit as exc:  # argparse exits on an unknown flag or a bad choice
-        raise AssertionError(f"`{shlex.join(words)}` does not parse") from exc
-
-
-def train_argv(words: list[str]) -> list[str]:
-    """The `-m segue_dist.train ...` part of an `accelerate launch` line, checking the launcher's own config file."""
-    assert words[:2] == ["accelerate", "launch"]
-    config = words[words.index("--config_file") + 1]
-    assert (REPO / config).is_file(), config
-    module = words.index("-m")
-    assert words[module + 1] == "segue_dist.train", words
-    return words[module + 2 :]
-
+from readme_testing import (
+    REPO,
+    overrides,
+    parse_segue,
+    produced,
+    readme_commands,
+    reads_and_writes,
+    real_faces_blocks,
+    train_argv,
+)
 
 SEGUE = [w for w in readme_commands() if w[0] in ("segue", ".venv/bin/segue")]
 LAUNCHES = [w for w in readme_commands() if w[:2] == ["accelerate", "launch"]]
@@ -123,6 +60,28 @@ def test_training_launch_parses_and_its_overrides_load(words: list[str]) -> None
     load_config(TrainConfig, REPO / args.config, args.overrides)  # an unknown key or a wrong type raises
 
 
+def test_the_real_faces_section_has_the_two_blocks_the_run_test_runs() -> None:
+    """tests/test_readme_run.py runs these two blocks: the supervised run, then the pseudo-label one."""
+    supervised, pseudo = real_faces_blocks()
+    assert "source .venv/bin/activate" in supervised and "segue shards build" in supervised
+    assert "segue cluster" in pseudo and "pseudo_labels.json" in pseudo
+    for block in (supervised, pseudo):
+        assert "accelerate launch" in block and "segue evaluate sweep" in block and "segue report" in block
+
+
+@pytest.mark.parametrize("config", sorted(REPO.glob("configs/accelerate/*.yaml")), ids=lambda p: p.stem)
+def test_one_machine_launch_configs_pick_a_free_port(config: Path) -> None:
+    """Accelerate's default port is 29500 for every run: a second run on the machine (the demo, a test, the other
+    LFW-62 launch) then prints "Port 29500 is already in use". On one machine `main_process_port: 0` makes
+    Accelerate pick a free port per launch (tests/test_readme_run.py launches two at once); several machines must
+    meet at one named port, which launch/ passes per job."""
+    data = yaml.safe_load(config.read_text())
+    if data.get("num_machines", 1) == 1 and data.get("num_processes", 1) > 1:
+        assert data.get("main_process_port") == 0, f"{config.name}: main_process_port: 0 (a free port per launch)"
+    else:
+        assert data.get("main_process_port") != 0 or data.get("num_processes", 1) == 1, config.name
+
+
 def test_a_bad_flag_is_caught() -> None:
     """The control for the parse tests: an unknown flag fails, a real one passes."""
     with pytest.raises(AssertionError, match="does not parse"):
@@ -131,36 +90,6 @@ def test_a_bad_flag_is_caught() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- what flows where
-
-
-def overrides(argv: list[str]) -> dict[str, str]:
-    return dict(w.split("=", 1) for w in argv if "=" in w and not w.startswith("-"))
-
-
-def sweep_paths(config: str) -> tuple[list[str], str]:
-    """(the shard sets an experiment config reads, the folder it writes) — runs/eval/<name> unless `out:` says."""
-    data = yaml.safe_load((REPO / config).read_text())
-    reads = [data["data"]["clean_train"], data["data"]["test"]]
-    reads += [m["train"] for m in data.get("methods", []) if m.get("train")]
-    return reads, data.get("out") or f"runs/eval/{data['name']}"
-
-
-def reads_and_writes(words: list[str]) -> tuple[list[str], list[str]]:
-    """The paths a README command reads and writes."""
-    if words[:2] == ["accelerate", "launch"]:
-        o = overrides(train_argv(words))
-        return [o[k] for k in ("data.train", "data.labels") if k in o], [o["out"]]
-    if words[1:3] == ["evaluate", "sweep"]:
-        reads, out = sweep_paths(words[words.index("--config") + 1])
-        return reads, [out]
-    pairs = list(zip(words, words[1:], strict=False))
-    reads = [v for flag, v in pairs if flag in READS and not v.startswith("configs/")]
-    reads += [v for flag, v in pairs if flag == "--src"]
-    return reads, [v for flag, v in pairs if flag in WRITES]
-
-
-def produced(path: str, outputs: list[str]) -> bool:
-    return path.startswith(GIVEN) or any(path == o or path.startswith(o.rstrip("/") + "/") for o in outputs)
 
 
 def flow_commands() -> list[list[str]]:

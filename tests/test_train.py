@@ -38,6 +38,47 @@ def test_train_config_rejects_too_few_bits() -> None:
         load_config(TrainConfig, None, ["generator.bits=3", "generator.num_classes=10"])
 
 
+# ------------------------------------------------------------------------------------------------- loader workers
+
+
+def test_loader_workers_are_capped_to_each_process_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/train/default.yaml asks for 4 loader workers; two launched processes on 2 cores get 1 each, and the
+    banner says why (what torch printed twice as a UserWarning before)."""
+    from segue_dist.training.build import loader_workers
+    from segue_dist.utils.device import cpus_per_process
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # set by torchrun, so by accelerate launch
+    assert cpus_per_process() == 1
+    assert loader_workers(4, 13) == (1, "data.num_workers=4 capped to the 1 CPU(s) per process")
+    assert loader_workers(0, 13) == (0, "")  # loading in the main process stays so
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert loader_workers(4, 13)[0] == 2 and loader_workers(2, 13) == (2, "")
+    assert loader_workers(2, 1) == (1, "data.num_workers=2 capped to the 1 batch(es) per epoch")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert loader_workers(4, 13) == (4, "")  # a bigger machine gets what the config asks for
+
+
+def test_capped_workers_pass_torchs_own_check() -> None:
+    """The cap keeps a process within torch's suggestion for this machine; the control: more workers than cores
+    still draws torch's warning."""
+    import warnings
+
+    from torch.utils.data import DataLoader
+
+    from segue_dist.utils.device import capped_workers
+
+    def warns(workers: int) -> bool:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            DataLoader(range(4), num_workers=workers).check_worker_number_rationality()
+        return any("suggested max number of worker" in str(w.message) for w in caught)
+
+    too_many = len(os.sched_getaffinity(0)) + 2
+    assert warns(too_many)
+    assert not warns(capped_workers(too_many))
+
+
 # ------------------------------------------------------------------------------------------- multi-process runs
 
 

@@ -146,10 +146,8 @@ def _cli_quality(args: argparse.Namespace) -> int:
     print_table(f"image quality: {result['counts']['pairs']} pairs -> {out}", names, [[f"{m[n]:.4g}" for n in names]])
     for name, note in result["notes"].items():
         console.print(f"{name}: {note}")
-    if result["counts"]["unpaired"] or result["counts"]["size_mismatch"]:
-        console.print(
-            f"[yellow]{result['counts']['unpaired']} unpaired, {result['counts']['size_mismatch']} size mismatches[/]"
-        )
+    if result["counts"]["unpaired"]:
+        console.print(f"[yellow]{result['counts']['unpaired']} protected samples without a clean counterpart[/]")
     return 0
 
 

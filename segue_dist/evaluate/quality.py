@@ -54,6 +54,18 @@ def iter_pairs(
                 yield key, None, None
 
 
+def resized_like(clean: Tensor, protected: Tensor) -> Tensor:
+    """The clean uint8 image at the protected image's size, resized as the loaders do (short side, centre crop): the
+    very image a baseline generated at another size (`segue evaluate sweep` makes them at the victims' size) started
+    from, so the metrics measure the perturbation, not the resize."""
+    from PIL import Image
+
+    from segue_dist.data.images import pil_to_uint8, resize_center_crop
+
+    img = Image.fromarray(clean.permute(1, 2, 0).numpy())
+    return pil_to_uint8(resize_center_crop(img, (int(protected.shape[-2]), int(protected.shape[-1]))))
+
+
 def image_quality_between(
     clean_dir: str,
     protected_dir: str,
@@ -64,13 +76,14 @@ def image_quality_between(
     workers: int = 2,
 ) -> dict[str, Any]:
     """Table III metrics over every key pair: means of PSNR (capped), SSIM, MS-SSIM (>= 161 px), LPIPS, MAE, RMSE;
-    L∞ as max and mean (in [0, 1] units and in 8-bit steps)."""
+    L∞ as max and mean (in [0, 1] units and in 8-bit steps). A clean image of another size than its protected
+    counterpart is first resized to it (`resized_like`; counted, and noted)."""
     from segue_dist.metrics.image_quality import MS_SSIM_MIN_SIDE, PSNR_CAP_DB, image_quality_per_image
 
     device = device or torch.device("cpu")
     sums: dict[str, list[float]] = {}
     pending: dict[tuple[int, ...], list[tuple[Tensor, Tensor]]] = {}
-    counts = {"pairs": 0, "unpaired": 0, "size_mismatch": 0}
+    counts = {"pairs": 0, "unpaired": 0, "resized": 0}
     small = 0
     lpips_skipped = [0]
 
@@ -93,8 +106,8 @@ def image_quality_between(
             counts["unpaired"] += 1
             continue
         if clean.shape != protected.shape:
-            counts["size_mismatch"] += 1
-            continue
+            clean = resized_like(clean, protected)
+            counts["resized"] += 1
         counts["pairs"] += 1
         small += min(clean.shape[-2:]) < MS_SSIM_MIN_SIDE
         pending.setdefault(tuple(clean.shape), []).append((clean, protected))
@@ -103,7 +116,7 @@ def image_quality_between(
     for shape in list(pending):
         flush(shape)
     if not counts["pairs"]:
-        raise ValueError(f"no sample of {protected_dir} has a same-sized counterpart (by key) in {clean_dir}")
+        raise ValueError(f"no sample of {protected_dir} has a counterpart (by key) in {clean_dir}")
     metrics = {name: float(np.mean(v)) for name, v in sums.items() if name != "linf"}
     linf = np.asarray(sums["linf"])
     metrics.update(linf=float(linf.max()), linf_mean=float(linf.mean()), linf_255=round(float(linf.max()) * 255, 3))
@@ -112,6 +125,11 @@ def image_quality_between(
         notes["ms_ssim"] = f"skipped: images smaller than {MS_SSIM_MIN_SIDE} px"
     elif small:
         notes["ms_ssim"] = f"over the {counts['pairs'] - small} images of at least {MS_SSIM_MIN_SIDE} px"
+    if counts["resized"]:
+        notes["size"] = (
+            f"{counts['resized']} clean images resized to their protected image's size as the loaders resize "
+            "(a baseline is made at the victims' size, e.g. 32 px from 64 px shards)"
+        )
     if lpips_skipped[0]:
         notes["lpips"] = f"{lpips_skipped[0]} images below LPIPS's minimum side left out"
     return {"metrics": metrics, "counts": counts, "notes": notes, "ms_ssim_images": counts["pairs"] - small}

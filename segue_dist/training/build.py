@@ -17,6 +17,7 @@ from segue_dist.models.classifiers import build_classifier
 from segue_dist.models.generator import SegueGenerator
 from segue_dist.training.config import TrainConfig
 from segue_dist.training.runtime import Runner, Runtime, deepspeed_requested, ds_config_for, make_runtime
+from segue_dist.utils.device import capped_workers, cpus_per_process
 from segue_dist.utils.seed import derive_seed, seed_everything
 
 
@@ -43,6 +44,11 @@ class TrainingSetup:
     batches: int  # batches per epoch per rank
     num_samples: int  # in the training shards
     labels: SideInformation
+    # Loader worker processes per rank: data.num_workers, capped to this rank's share of the node's cores
+    # (`capped_workers`) and to the batches of an epoch. The batch stream depends on it (segue_dist/data/loader.py);
+    # the run's banner says what it is and why.
+    workers: int = 0
+    workers_note: str = ""
 
 
 def resolve_labels(cfg: TrainConfig) -> SideInformation:
@@ -114,4 +120,17 @@ def setup_training(cfg: TrainConfig) -> TrainingSetup:
         label_map=labels.pseudo_labels,
         shuffle_buffer=cfg.data.shuffle_buffer,
     )
-    return TrainingSetup(rt, g, f, distortion, rng, stream, batches, shard_set.num_samples, labels)
+    workers, note = loader_workers(cfg.data.num_workers, batches)
+    return TrainingSetup(rt, g, f, distortion, rng, stream, batches, shard_set.num_samples, labels, workers, note)
+
+
+def loader_workers(requested: int, batches: int) -> tuple[int, str]:
+    """(loader workers per rank, why when that is fewer than ``requested``): never more than the rank's share of
+    the cores, nor more than the batches of an epoch (a worker without a batch would only cost a process)."""
+    cores = capped_workers(requested)
+    workers = min(cores, batches)
+    if workers == requested:
+        return workers, ""
+    if cores < requested:
+        return workers, f"data.num_workers={requested} capped to the {cpus_per_process()} CPU(s) per process"
+    return workers, f"data.num_workers={requested} capped to the {batches} batch(es) per epoch"

@@ -82,6 +82,8 @@ def make_runtime(cfg: TrainConfig) -> Runtime:
     cuda = torch.cuda.is_available()
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
     if deepspeed_requested(cfg):
+        if not cuda:  # said, not detected: DeepSpeed logs its detection of no GPU as a WARNING on every rank
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
         disable_deepspeed_shm_build()
@@ -146,7 +148,7 @@ class Runner:
         else:
             self.engine = None
             self.wrapped, self.optimizer = rt.accelerator.prepare(model, optimizer)
-            self.module = rt.accelerator.unwrap_model(self.wrapped)
+            self.module = unwrap_ddp(self.wrapped)
         self.base_optimizer = optimizer
 
     def backward_and_step(self, loss: torch.Tensor, grad_clip: float) -> None:
@@ -173,6 +175,17 @@ class Runner:
     def set_lr(self, lr: float) -> None:
         for group in self.base_optimizer.param_groups:
             group["lr"] = lr
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The plain model inside the DDP wrapper that ``Accelerator.prepare`` puts around it (the model itself when there
+    is none, as in one process).
+
+    Not ``Accelerator.unwrap_model``: that imports DeepSpeed whenever it is installed (the test extra installs it),
+    and DeepSpeed's import logs "[WARNING] Setting accelerator to CPU. If you have GPU or other accelerator, we were
+    unable to detect it." on every rank of a CPU run that never uses DeepSpeed.
+    """
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def ds_config_for(path: str, cfg: TrainConfig, rt: Runtime) -> dict:
