@@ -67,7 +67,7 @@ def source_faces(count: int, seed: int) -> list[np.ndarray]:
 
 def make_photo_folder(folder: Path, size: int, count: int, unique: int = 64, seed: int = 0) -> Path:
     """``count`` JPEG photos at ``size`` px in identity folders (``unique`` distinct ones, cycled under new names)."""
-    marker = folder / ".complete"
+    marker = folder.with_name(folder.name + ".complete")  # beside the folder: inside it would count as ignored
     if marker.is_file():
         return folder
     rng = np.random.default_rng(seed)
@@ -172,7 +172,8 @@ def peak_rss_mb(generator: Path, folder: Path, out: Path) -> float:
         "'--no-progress', '--face-size', '64'])) "
     )
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-c", code, str(generator), str(folder), str(out)], cwd=REPO, check=True)
+    cmd = [sys.executable, "-c", code, str(generator), str(folder), str(out)]
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     shutil.rmtree(out, ignore_errors=True)
     # ru_maxrss of children is the maximum over every child so far: measure the small corpus first.

@@ -38,12 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from segue_dist.checkpoint import file_sha256  # noqa: E402
 from segue_dist.demo import run_rows_in_parallel  # noqa: E402
+from segue_dist.protect import FOLDER_MANIFEST  # noqa: E402
 from segue_dist.utils.io import atomic_write_json, read_json  # noqa: E402
 from segue_dist.utils.progress import console, print_table  # noqa: E402
 
@@ -84,6 +86,20 @@ def copy_originals(shards: Path, corpus: Path, originals: Path) -> dict[str, int
     return counts
 
 
+def upscale_originals(originals: Path, size: int) -> Path:
+    """``<originals>_<size>px``: every original resized (bicubic) to ``size`` x ``size`` and stored as JPEG q95: the
+    LFW faces as the high-resolution photos a platform holds, where G run at full size paints its pattern at
+    ``size / 64`` times the scale it learnt."""
+    out = originals.with_name(f"{originals.name}_{size}px")
+    for src in sorted(originals.rglob("*.jpg")):
+        dst = out / src.relative_to(originals)
+        if not dst.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(src) as img:
+                img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC).save(dst, format="JPEG", quality=95)
+    return out
+
+
 def build_attack_shards(src: Path, out: Path, size: int) -> None:
     """The attacker's resize: every photo of ``src`` (identity folders) into one train split at ``size`` px."""
     if not (out / "train" / "sizes.json").is_file():
@@ -116,7 +132,7 @@ def sweep_config(work: Path, size: int, train_sets: dict[str, Path], args: argpa
 
 def manifest_stats(out_dir: Path) -> dict[str, Any]:
     """ε and quality of a folder-mode output, from its manifest and journal (decoded from the written files)."""
-    manifest = read_json(out_dir / "manifest.json")
+    manifest = read_json(out_dir / FOLDER_MANIFEST)
     keep = ("photos", "written", "quarantined", "ignored", "balanced", "measured_max_abs", "formats")
     return {k: manifest[k] for k in keep if k in manifest}
 
@@ -132,6 +148,9 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[112, 64])
     p.add_argument("--attacks", nargs="+", default=["none"], choices=["none", "jpeg10"])
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument(
+        "--upscale", type=int, default=0, help="protect the originals upscaled to N x N px (0 = as they are)"
+    )
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "bench/results/protection/scale_aware/lfw62.json"))
@@ -142,23 +161,27 @@ def main() -> None:
     if not corpus.is_dir():
         raise SystemExit(f"scale_aware: no LFW corpus at {corpus} (set --faces or SEGUE_FACES)")
     counts = copy_originals(Path(args.shards), corpus, work / "originals")
+    originals = {split: work / "originals" / split for split in ("train", "test")}
+    if args.upscale:
+        originals = {split: upscale_originals(path, args.upscale) for split, path in originals.items()}
     timings["originals_s"] = time.perf_counter() - t0
 
     protected = {}
     for name, flags in VARIANTS.items():
         out = work / "protected" / name
         t = time.perf_counter()
-        if not (out / "manifest.json").is_file():
-            segue("protect", "--generator", args.generator, "--in", str(work / "originals/train"), "--out", str(out),
+        if not (out / FOLDER_MANIFEST).is_file():
+            segue("protect", "--generator", args.generator, "--in", str(originals["train"]), "--out", str(out),
                   "--no-progress", *flags)  # fmt: skip
         timings[f"protect_{name}_s"] = time.perf_counter() - t
         protected[name] = out
 
     results: dict[str, Any] = {}
+    train_seconds: dict[str, Any] = {}
     for size in args.sizes:
-        build_attack_shards(work / "originals/test", work / f"attack/test_{size}", size)
+        build_attack_shards(originals["test"], work / f"attack/test_{size}", size)
         train_sets = {"clean": work / f"attack/clean_{size}/train"}
-        build_attack_shards(work / "originals/train", work / f"attack/clean_{size}", size)
+        build_attack_shards(originals["train"], work / f"attack/clean_{size}", size)
         for name, folder in protected.items():
             build_attack_shards(folder, work / f"attack/{name}_{size}", size)
             train_sets[name] = work / f"attack/{name}_{size}/train"
@@ -172,29 +195,34 @@ def main() -> None:
         sweep = read_json(work / "eval" / f"size{size}" / "results.json")
         results[str(size)] = {f"{r['tags']['method']}/{r['tags']['attack']}": r["final_acc"] for r in sweep["rows"]}
         results[str(size)]["chance"] = sweep["rows"][0]["chance"]
+        train_seconds[str(size)] = {
+            f"{r['tags']['method']}/{r['tags']['attack']}": r["train_seconds"] for r in sweep["rows"]
+        }
 
     report = {
         "kind": "scale_aware_protection",
         "question": "does a G trained at 64 px protect 250x250 originals after the attacker's resize to S px?",
         "generator": args.generator,
         "generator_sha256": file_sha256(Path(args.generator)),
-        "data": {"shards": args.shards, "photos": counts, "original_size": [250, 250]},
+        "data": {"shards": args.shards, "photos": counts, "original_size": [args.upscale or 250] * 2},
         "variants": {
             "face_scale": "folder mode default: δ at G's training size (64 px short side), upsampled bilinearly",
-            "full_size": "--face-size 4096: G run on the 250 px photo itself (pattern at 4x G's scale)",
+            "full_size": f"--face-size 4096: G run on the {args.upscale or 250} px photo itself (the naive way)",
             "shards_64px": "the README's shard mode: G on the 64 px training shards (G's own setting; reference)",
         },
         "protect": {name: manifest_stats(out) for name, out in protected.items()},
         "victim": {"arch": "resnet18", "epochs": args.epochs, "optimizer": "adam", "small_stem": False},
         "accuracy_pct": results,
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "victim_train_s": train_seconds,  # each row's own training time (one thread, two rows at once)
+        "this_invocation_s": {k: round(v, 1) for k, v in timings.items()},  # what was not already done (resume)
         "total_s": round(time.perf_counter() - t0, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(args.out), report)
-    rows = [[size, *(f"{v:.1f}" for v in accs.values())] for size, accs in results.items()]
-    print_table("scale-aware protection: clean-test accuracy (%)", ["size", *next(iter(results.values()))], rows)
+    columns = list(dict.fromkeys(key for accs in results.values() for key in accs))
+    rows = [[size, *(f"{accs[c]:.1f}" if c in accs else "-" for c in columns)] for size, accs in results.items()]
+    print_table("scale-aware protection: clean-test accuracy (%)", ["size", *columns], rows)
     console.print(f"wrote {args.out}")
 
 
