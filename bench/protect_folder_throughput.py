@@ -9,7 +9,8 @@ JPEG q95 in 8 identity folders: what a platform's photo folder looks like. Every
 
 Rows, each as images/s on this machine (all cores):
 
-* ``floor``: read + decode + encode (JPEG q95, 4:4:4, as protect writes it) + atomic write, in a thread pool of
+* ``floor``: read + decode + encode (JPEG q95, 4:4:4, as protect writes it) + atomic write (temp + rename, as
+  protect writes photos), in a thread pool of
   one thread per core: what any folder-mode job pays at least. ``floor_verify`` adds one more decode of the written
   bytes, the check protect makes on every file (ε measured on what was written);
 * ``protect``: the whole job (``FolderProtector``: list, label, decode, G batched per chunk, upsample, quantise,
@@ -98,7 +99,7 @@ def _codec_round_trip(paths: list[Path], out: Path, verify: bool) -> int:
         data = encode_photo(img, fmt, spec)
         if verify:
             Image.open(io.BytesIO(data)).load()
-        atomic_write_bytes(out / path.parent.name / path.name, data)
+        atomic_write_bytes(out / path.parent.name / path.name, data, durable=False)  # as protect writes photos
     return len(paths)
 
 

@@ -277,6 +277,25 @@ def test_kill_9_then_rerun_is_byte_identical(tree: dict[str, Path]) -> None:
     assert read_json(out / protect.FOLDER_MANIFEST)["balanced"] is True
 
 
+def test_bf16_and_fp32_differ_by_at_most_a_level_on_few_pixels(tree: dict[str, Path]) -> None:
+    """``--precision bf16`` (folder mode's CPU default where the CPU has native bf16) is the same protection as
+    fp32: lossless outputs differ by at most one level, on a small share of the pixels; the run records which."""
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        outs[precision] = tree["root"] / f"precision_{precision}"
+        assert run_folder(tree["generator"], tree["in"], outs[precision], "--precision", precision) == 0
+        assert read_json(outs[precision] / "_protect.json")["compute"] == f"cpu-{precision}-batch"
+    pngs = [p.relative_to(outs["fp32"]) for p in written_files(outs["fp32"]) if p.suffix == ".png"]
+    assert pngs
+    differ, total = 0, 0
+    for rel in pngs:
+        a, _, _ = pil_array(outs["fp32"] / rel)
+        b, _, _ = pil_array(outs["bf16"] / rel)
+        assert np.abs(a - b).max() <= 1, rel
+        differ, total = differ + int((a != b).sum()), total + a.size
+    assert 0 < differ / total < 0.05  # > 0: bf16 really ran (its rounding flips a few pixels)
+
+
 def test_chunks_are_cut_from_the_sorted_list_before_ranks_take_them(
     tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -103,6 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder: keep the ICC profile and EXIF (camera, exposure, time), never GPS, the EXIF thumbnail, "
         "MakerNote or XMP (default: pixels only)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="folder mode on CPU: G in bf16 where the CPU has native bf16 (auto), or as asked (CUDA: bf16)",
+    )
     parser.add_argument("--png-level", type=int, default=1, help="PNG zlib level 0..9 (1; 0 = fastest, largest)")
     parser.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1..100 (95)")
     parser.add_argument("--batch-size", type=int, default=0, help="forward batch (0 = 256 on CUDA, 16 on CPU)")
@@ -143,6 +149,7 @@ def options_from_args(args: argparse.Namespace) -> ProtectOptions:
         input_format=args.input_format,
         face_size=args.face_size,
         keep_metadata=args.keep_metadata,
+        precision=args.precision,
     )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 MIN_SIDE = 8
 FORMATS = ("png", "jpeg")
 INPUT_FORMATS = ("auto", "shards", "folder")
+PRECISIONS = ("auto", "fp32", "bf16")
 # Test hook: seconds to sleep after each written batch, so a test can kill -9 the job in the middle of a shard.
 TEST_DELAY_ENV = "SEGUE_PROTECT_TEST_DELAY_S"
 
@@ -38,9 +39,8 @@ class ProtectOptions:
     progress: bool = True
     input_format: str = "auto"  # shards | folder | auto (folder when --in is a folder without sizes.json or tars)
     face_size: int = 0  # folder mode: short side δ is computed at; 0 = G's training size (generator.json), else 112
-    keep_metadata: bool = (
-        False  # folder mode: keep ICC + EXIF (never GPS, thumbnail, MakerNote, XMP); protect/metadata.py
-    )
+    precision: str = "auto"  # folder mode on CPU: auto (bf16 where the CPU has native bf16) | fp32 | bf16
+    keep_metadata: bool = False  # folder mode: ICC + EXIF, never GPS / thumbnail / MakerNote / XMP (metadata.py)
 
     def __post_init__(self) -> None:
         if self.format == "jpg":
@@ -60,6 +60,8 @@ class ProtectOptions:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.input_format not in INPUT_FORMATS:
             raise ValueError(f"input_format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.face_size != 0 and self.face_size < MIN_SIDE:
             raise ValueError(f"face_size must be 0 (G's training size) or >= {MIN_SIDE}, got {self.face_size}")
         if self.max_pixels < MIN_SIDE * MIN_SIDE:
