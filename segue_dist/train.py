@@ -71,8 +71,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if s.rt.is_main:
         console.print(describe(s, cfg))
         if done:
-            console.print(f"{cfg.out}: {done.state}, but its generator is not exported: exporting it", soft_wrap=True)
-    stop_reason, epochs_this_run = done.stop_reason if done else "epochs", 0
+            note = f"{cfg.out}: {done.state}, but its generator is not exported: exporting it"
+            console.print(note, soft_wrap=True, markup=False)
+    stop_reason = done.stop_reason if done else "epochs"
+    epochs_this_run = 0
     with make_progress(disable=not s.rt.is_main or last_epoch < start_epoch) as progress:
         task = progress.add_task("train", total=(last_epoch - start_epoch + 1) * s.batches, completed=skip)
         for epoch in range(start_epoch, last_epoch + 1):  # Algorithm 1, line 1
