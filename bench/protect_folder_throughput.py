@@ -48,6 +48,7 @@ from segue_dist import protect  # noqa: E402
 from segue_dist.checkpoint import load_generator  # noqa: E402
 from segue_dist.data.synthetic import generate_corpus  # noqa: E402
 from segue_dist.protect.photo import encode_photo, open_photo  # noqa: E402
+from segue_dist.utils.device import cpus_per_process  # noqa: E402
 from segue_dist.utils.io import atomic_write_bytes  # noqa: E402
 from segue_dist.utils.progress import console, print_table  # noqa: E402
 
@@ -145,7 +146,7 @@ def g_only_rate(generator: Path, face_size: int, batch: int, count: int, device:
     batches on CUDA (synchronised at the end)."""
     model, _ = load_generator(generator, device)
     perturber = protect.Perturber(model, torch.device(device), 8, threads=1, batched=True)
-    workers = 1 if device.startswith("cuda") else protect.cpus_per_rank()
+    workers = 1 if device.startswith("cuda") else cpus_per_process()
     faces = torch.randint(0, 256, (batch, face_size, face_size, 3), dtype=torch.uint8)
     labels = torch.arange(batch) % 8
 
@@ -186,7 +187,7 @@ def peak_rss_mb(generator: Path, folder: Path, out: Path) -> float:
 
 def run(work: Path, quick: bool, device: str) -> dict[str, Any]:
     torch.set_num_threads(1)
-    workers = protect.cpus_per_rank()
+    workers = cpus_per_process()
     counts = {224: 400 if quick else 1600, 1024: 48 if quick else 192}
     if device.startswith("cuda"):
         counts = {224: 4096 if quick else 16384, 1024: 256 if quick else 1024}

@@ -59,6 +59,7 @@ from segue_dist.data.loader import iter_tar_samples  # noqa: E402
 from segue_dist.data.synthetic import generate_corpus  # noqa: E402
 from segue_dist.models.generator import SegueGenerator  # noqa: E402
 from segue_dist.training.config import TrainConfig  # noqa: E402
+from segue_dist.utils.device import cpus_per_process  # noqa: E402
 from segue_dist.utils.io import atomic_write_json  # noqa: E402
 from segue_dist.utils.progress import console, print_table  # noqa: E402
 
@@ -186,7 +187,7 @@ def g_only_rate(generator_dir: Path, size: int, device: str, batch: int, count: 
     generator, _ = load_generator(generator_dir, device)
     x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)  # NHWC, as protect feeds it
     y = torch.randint(0, 8, (batch,), device=device)
-    perturber = protect.Perturber(generator, torch.device(device), 8, protect.cpus_per_rank())
+    perturber = protect.Perturber(generator, torch.device(device), 8, cpus_per_process())
     if device == "cuda":
         generator.to(memory_format=torch.channels_last)
     try:
@@ -251,7 +252,7 @@ def machine_info() -> dict[str, Any]:
         pass
     info = {
         "cpu": cpu,
-        "cores": protect.cpus_per_rank(),
+        "cores": cpus_per_process(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -276,7 +277,7 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
 
 
 def run_cpu(work: Path, quick: bool) -> dict[str, Any]:
-    cores = protect.cpus_per_rank()
+    cores = cpus_per_process()
     full_g = make_generator(work / "g_full")
     tiny_g = make_generator(work / "g_tiny", 8, 1)
     counts = {112: 160, 224: 64} if quick else {112: 320, 224: 128}
@@ -401,7 +402,7 @@ def run_gpu(work: Path, count: int, out_path: Path, budget_s: float) -> dict[str
     results["g_only_bf16_img_s"] = round(g_only_rate(full_g.parent, 224, "cuda", 256, 40 * 256), 1)
     save()
     blobs = read_images(split, 4000)
-    cores = protect.cpus_per_rank()
+    cores = cpus_per_process()
     jpeg = protect.EncodeSpec("jpeg", 1, 95, 8)
     pools = make_pools(cores)
     results["cpu_floor_jpeg95_img_s"] = {k: round(v, 1) for k, v in floor_rate(blobs, jpeg, pools, False).items()}

@@ -9,7 +9,8 @@ distortion layer and ŷ the true label (`.cls`) or a pseudo-label from a sidecar
 `schedule: alternate` is Algorithm 1 as printed: epoch e trains f when e % f_every == 1 (`f_step`, f learns to classify
 x + δ as ŷ) and G otherwise (`g_step`, against the frozen f). `schedule: joint` takes one step of both on every batch
 (`joint_step`). Training stops after `epochs`, or when f's loss on the unlearnable examples (an epoch in which f
-trains, averaged across ranks) falls below `stop_loss`.
+trains, averaged across ranks) falls below `stop_loss`. Started again on the `out` of a finished run, it prints one
+line and writes nothing (`finished`); more `epochs`, or a `stop_loss` below the loss it stopped at, continue it.
 
 This module is the algorithm; the plumbing lives in segue_dist/training/: config, runtime (DDP / DeepSpeed `Runner`),
 build, checkpointing (exact resume), history (records, metrics.jsonl), summary (export, table).
@@ -22,6 +23,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,31 +36,48 @@ from segue_dist.config import ConfigError, load_config, save_resolved
 from segue_dist.data.loader import train_loader
 from segue_dist.distortion import DistortionLayer
 from segue_dist.training.build import TrainingSetup, build_models, build_surrogate, resolve_labels, setup_training
-from segue_dist.training.checkpointing import load_checkpoint, save_checkpoint
+from segue_dist.training.checkpointing import load_checkpoint, save_checkpoint, saved_position
 from segue_dist.training.config import SCHEDULES, DataConfig, OptimConfig, SurrogateConfig, TrainConfig
 from segue_dist.training.history import EpochMeter, Logger, StepLosses
 from segue_dist.training.runtime import Runner, Runtime, average_buffers, make_runtime, to_float_images
 from segue_dist.training.summary import PAUSED, finish
+from segue_dist.utils.dist import is_main
+from segue_dist.utils.io import read_json
 from segue_dist.utils.progress import console, make_progress
 from segue_dist.utils.seed import derive_seed
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run Algorithm 1 (resuming from the last checkpoint when ``cfg.resume``); returns the summary: epochs run,
-    per-epoch history (segue_dist/training/history.py), stop reason, where the generator was exported."""
+    per-epoch history (segue_dist/training/history.py), stop reason, where the generator was exported.
+
+    A run whose last checkpoint is finished (`finished`) is left as it is: one line says so and the summary it wrote
+    is returned, no file is written. If its export is missing (killed after the last checkpoint), G is exported from
+    that checkpoint without training.
+    """
+    done = finished(cfg) if cfg.resume else None
+    if done is not None and done.exported:
+        if is_main():
+            console.print(done.message, soft_wrap=True, highlight=False, markup=False)
+        return read_json(Path(cfg.out) / "train_summary.json")
     s = setup_training(cfg)
     if s.rt.is_main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, cfg.out)
     position = load_checkpoint(s.g, s.f, s.rng, cfg, s.rt) if cfg.resume else None
     start_epoch, skip, step = (position["epoch"], position["batch"], position["step"]) if position else (1, 0, 0)
+    last_epoch = start_epoch - 1 if done else cfg.epochs  # finished but not exported: export only
     logger, history = Logger(cfg, s.rt), []
     if s.rt.is_main:
         console.print(describe(s, cfg))
-    stop_reason, epochs_this_run, epoch = "epochs", 0, start_epoch
-    with make_progress(disable=not s.rt.is_main) as progress:
-        task = progress.add_task("train", total=(cfg.epochs - start_epoch + 1) * s.batches, completed=skip)
-        for epoch in range(start_epoch, cfg.epochs + 1):  # Algorithm 1, line 1
+        if done:
+            note = f"{cfg.out}: {done.state}, but its generator is not exported: exporting it"
+            console.print(note, soft_wrap=True, markup=False)
+    stop_reason = done.stop_reason if done else "epochs"
+    epochs_this_run = 0
+    with make_progress(disable=not s.rt.is_main or last_epoch < start_epoch) as progress:
+        task = progress.add_task("train", total=(last_epoch - start_epoch + 1) * s.batches, completed=skip)
+        for epoch in range(start_epoch, last_epoch + 1):  # Algorithm 1, line 1
             stage = stage_of(epoch, cfg.f_every, cfg.schedule)
             begin_epoch(s, cfg, epoch, stage, resumed_mid_epoch=skip > 0)
             record, step = run_epoch(
@@ -67,14 +86,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             history.append(record)
             logger.log_epoch(step, record)
             skip = 0
-            save_checkpoint(s.g, s.f, {"epoch": epoch + 1, "batch": 0, "step": step}, s.rng, cfg, s.rt)
             epochs_this_run += 1
             reason = reason_to_stop(record, cfg, epoch, epochs_this_run)
+            end = end_of_run(record, cfg, epoch, reason)
+            save_checkpoint(s.g, s.f, {"epoch": epoch + 1, "batch": 0, "step": step, **end}, s.rng, cfg, s.rt)
             if reason:
                 stop_reason = reason
                 break
     logger.close()
-    summary = finish(s.g, cfg, s.rt, history, stop_reason, epoch, step, s.labels)
+    summary = finish(s.g, cfg, s.rt, history, stop_reason, start_epoch - 1 + epochs_this_run, step, s.labels)
     if s.rt.world_size > 1:
         dist.barrier()
     return summary
@@ -126,10 +146,70 @@ def reason_to_stop(record: dict[str, Any], cfg: TrainConfig, epoch: int, epochs_
     unlearnable examples, so only an epoch in which f trained can meet it."""
     f_loss = record["f_ce_on_unlearnable"]
     if f_loss is not None and f_loss < cfg.stop_loss:
-        return f"f's loss on unlearnable examples {f_loss:.2e} < {cfg.stop_loss:g}"
+        return loss_stop_reason(f_loss, cfg.stop_loss)
     if cfg.max_epochs_this_run and epochs_this_run >= cfg.max_epochs_this_run and epoch < cfg.epochs:
         return PAUSED
     return None
+
+
+def loss_stop_reason(f_loss: float, stop_loss: float) -> str:
+    return f"f's loss on unlearnable examples {f_loss:.2e} < {stop_loss:g}"
+
+
+def end_of_run(record: dict[str, Any], cfg: TrainConfig, epoch: int, reason: str | None) -> dict[str, Any]:
+    """What the checkpoint after ``epoch`` adds to its position when the run ends there for good (the loss test's
+    ``reason``, or the last epoch): ``{"stop": ...}``, which `finished` reads when the run is started again; else {}."""
+    if reason == PAUSED or (reason is None and epoch < cfg.epochs):
+        return {}
+    if reason is None:
+        return {"stop": {"reason": "epochs", "epochs": cfg.epochs}}
+    f_loss = record["f_ce_on_unlearnable"]
+    return {"stop": {"reason": "stop_loss", "epochs": cfg.epochs, "f_loss": f_loss, "stop_loss": cfg.stop_loss}}
+
+
+@dataclass
+class Finished:
+    """A finished run found under ``out`` (see `finished`)."""
+
+    state: str  # "finished (12/12 epochs, stopped: epochs)"
+    stop_reason: str  # as train_summary.json words it
+    message: str  # the one line a rerun prints
+    exported: bool  # its generator and train_summary.json are written
+
+
+def finished(cfg: TrainConfig) -> Finished | None:
+    """Whether ``cfg.out``'s last checkpoint ends the run that ``cfg`` asks for, or None when there is more to train.
+
+    It does when it is at an epoch end and either all of ``cfg.epochs`` have run or the run stopped on the loss test
+    at a loss still below ``cfg.stop_loss`` (so a lower stop_loss, e.g. 0, which never stops early, continues it).
+    Reads JSON only: no model is built and no process group joined. A checkpoint written before runs recorded their
+    stop knows only its epochs: such a run stopped on stop_loss continues.
+    """
+    position = saved_position(cfg)
+    if position is None or position["batch"]:
+        return None
+    done = position["epoch"] - 1
+    stop = position.get("stop") or {"reason": "epochs", "epochs": done}
+    hints = []
+    if done >= cfg.epochs:
+        hints.append(f"raise epochs=N (N > {done})")
+    if stop["reason"] == "stop_loss" and stop["f_loss"] < cfg.stop_loss:
+        hints.append(f"lower stop_loss below {stop['f_loss']:.2e} (stop_loss=0 never stops early)")
+    if not hints:
+        return None
+    reason = "epochs" if stop["reason"] == "epochs" else loss_stop_reason(stop["f_loss"], stop["stop_loss"])
+    state = f"finished ({done}/{stop['epochs']} epochs, stopped: {reason})"
+    message = f"{cfg.out} is {state}; nothing to do — {' and '.join(hints)} to train further, or choose a new out="
+    return Finished(state, reason, message, exported=was_exported(cfg, done))
+
+
+def was_exported(cfg: TrainConfig, epochs_run: int) -> bool:
+    """Whether the run under ``cfg.out`` wrote its generator and, last, a summary of its end after ``epochs_run``."""
+    summary_path = Path(cfg.out) / "train_summary.json"
+    if not summary_path.is_file() or not (Path(cfg.out) / "generator.json").is_file():
+        return False
+    summary = read_json(summary_path)
+    return summary.get("last_epoch") == epochs_run and summary.get("stop_reason") != PAUSED
 
 
 # ------------------------------------------------------------------------------------------------------ the steps

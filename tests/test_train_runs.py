@@ -13,50 +13,19 @@ from typing import Any
 
 import pytest
 import torch
+from train_testing import IDENTITIES, TINY, build_tiny_shards, run_train
 
 import segue_dist.train as train_module
 from segue_dist.checkpoint import label_map_hash, load_generator, load_state
-from segue_dist.config import load_config
-from segue_dist.train import TrainConfig, reason_to_stop, train
+from segue_dist.train import TrainConfig, reason_to_stop
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-IDENTITIES = 4
-# 48 training samples in batches of 8: 6 steps per epoch, a checkpoint every 2 steps (mid-epoch at steps 2, 4, 8, 10).
-TINY = [
-    "data.image_size=[32]",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "data.shuffle_buffer=64",
-    "generator.width=8",
-    "generator.num_res_blocks=1",
-    "surrogate.small_stem=false",
-    "schedule=joint",  # both players step on every batch: a resume must restore both, and the distortion RNG
-    "epochs=2",
-    "checkpoint_every=2",
-    "tensorboard=false",
-]
 
 
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """4 synthetic identities x 14 faces at 32 px: 12 training and 2 test faces each."""
-    from segue_dist.data.synthetic import generate_corpus
-    from segue_dist.shards import ShardsConfig, build_shards
-
-    root = tmp_path_factory.mktemp("tiny")
-    for name, index, image in generate_corpus(identities=IDENTITIES, per_identity=14, size=32):
-        folder = root / "src" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        image.save(folder / f"{index:02d}.png")
-    config = ShardsConfig(src=str(root / "src"), out=str(root / "shards"), test_per_identity=2, size=[32], workers=1)
-    build_shards(config, show_progress=False)
-    return root / "shards" / "train"
-
-
-def run_train(out: Path, shards: Path, *extra: str) -> dict[str, Any]:
-    """One in-process `segue train` (one CPU process) with the tiny recipe; returns the summary."""
-    return train(load_config(TrainConfig, None, [f"out={out}", f"data.train={shards}", *TINY, *extra]))
+    return build_tiny_shards(tmp_path_factory.mktemp("tiny"))
 
 
 def generator_state(out: Path) -> dict[str, torch.Tensor]:

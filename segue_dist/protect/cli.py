@@ -35,7 +35,7 @@ def print_rank_summary(summary: RankSummary) -> None:
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(summary.timings.items(), key=lambda kv: -kv[1]))
         console.print(f"main thread: {phases} of {summary.seconds:.1f}s")
     print_table(
-        "segue protect: this rank (shards done now + already finished; |δ| in 1/255)",
+        "segue protect: this rank (shards done now + earlier; |δ| in 1/255)",
         ["rank", "shards", "written", "quar.", "max|δ|", "mean|δ|", "PSNR", "img/s"],
         rows,
     )
@@ -55,7 +55,7 @@ def print_manifest(manifest: dict[str, Any]) -> None:
         ["mean |δ| (levels)", f"{manifest['mean_abs_delta']:.2f}"],
         ["PSNR (dB)", f"{manifest['psnr_mean']:.2f}"],
     ]
-    print_table(f"segue protect: {manifest['output']}", ["", "value"], rows)
+    print_table("segue protect", ["", "value"], rows, path=manifest["output"])
     for q in manifest["quarantined_samples"][:20]:
         console.print(f"  quarantined {q['shard']} {q['key']}: {q['reason']}")
     if manifest["quarantined"] > 20:
@@ -200,7 +200,7 @@ def print_folder_summary(summary: FolderSummary) -> None:
         f"{rate:,.1f}",
     ]
     columns = ["rank", "photos", "written", "quar.", "max|δ|", "mean|δ|", "PSNR", "img/s"]
-    print_table("segue protect (folder): this rank (done now + already done; |δ| in 1/255)", columns, [row])
+    print_table("segue protect (folder): this rank (done now + earlier; |δ| in 1/255)", columns, [row])
 
 
 def print_folder_manifest(manifest: dict[str, Any]) -> None:
@@ -221,7 +221,7 @@ def print_folder_manifest(manifest: dict[str, Any]) -> None:
         )
         rows.append([f"{fmt}: {row['files']} files, ε ({manifest['eps_levels']} levels)", bound])
         rows.append([f"{fmt}: max |δ| / PSNR", f"{row['max_abs_delta']} / {row['psnr_mean']:.2f} dB"])
-    print_table(f"segue protect: {manifest['output']}", ["", "value"], rows)
+    print_table("segue protect (folder)", ["", "value"], rows, path=manifest["output"])
     for q in manifest["quarantined_files"][:20]:
         console.print(f"  quarantined {q['path']}: {q['reason']}")
     if manifest["quarantined"] > 20:

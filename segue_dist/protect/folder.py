@@ -45,13 +45,13 @@ from segue_dist.protect.folder_records import (
     write_folder_manifest,
 )
 from segue_dist.protect.metadata import KEPT
-from segue_dist.protect.options import TEST_DELAY_ENV, ProtectOptions, cpus_per_rank, resolve_batch_size
+from segue_dist.protect.options import TEST_DELAY_ENV, ProtectOptions, resolve_batch_size
 from segue_dist.protect.photo import OpenedPhoto, PhotoResult, face_deltas, finish_photo, open_for_protect
 from segue_dist.protect.pipeline import refuse_in_place
 from segue_dist.protect.quantise import eps_levels
 from segue_dist.protect.settings import check_or_record_settings
 from segue_dist.utils import dist
-from segue_dist.utils.device import resolve_device
+from segue_dist.utils.device import cpus_per_process, resolve_device
 from segue_dist.utils.io import atomic_write_bytes
 from segue_dist.utils.progress import console, make_progress
 
@@ -104,7 +104,7 @@ class FolderProtector:
         self.spec = EncodeSpec("as-input", opts.png_level, opts.jpeg_quality, self.levels)
         self.limit = 2 ** int(cfg.bits) if opts.allow_unseen_labels else int(cfg.num_classes)
         self.hint = "" if opts.allow_unseen_labels else f" (--allow-unseen-labels accepts up to {2**cfg.bits - 1})"
-        self.threads = opts.threads or cpus_per_rank()
+        self.threads = opts.threads or cpus_per_process()
         self.chunk_size = resolve_batch_size(opts, self.device.type == "cuda")
         self.delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
         auto_bf16 = opts.precision == "auto" and cpu_has_bf16()

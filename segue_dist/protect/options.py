@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+from segue_dist.utils.device import cpus_per_process
 
 # The generator halves the resolution twice and instance-normalises the bottleneck, so it needs sides >= 8 px.
 MIN_SIDE = 8
@@ -70,16 +71,6 @@ class ProtectOptions:
             raise ValueError("protect needs --generator, --in and --out")
 
 
-def cpus_per_rank() -> int:
-    """CPU cores this process may use, shared evenly with the other ranks on the same node."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, cores // max(1, local_world))
-
-
 def resolve_workers(opts: ProtectOptions, on_cuda: bool) -> tuple[int, int, int]:
     """(loader workers, encode workers, CPU G threads). Explicit values win; 0 means pick from the cores.
 
@@ -87,7 +78,7 @@ def resolve_workers(opts: ProtectOptions, on_cuda: bool) -> tuple[int, int, int]
     codec workers, mostly idle, share them. On a GPU host the cores are all for codecs: about a third decode (JPEG
     decode is cheaper than encode + the verifying decode), the rest encode.
     """
-    cores = cpus_per_rank()
+    cores = cpus_per_process()
     if on_cuda:
         workers = opts.workers or max(1, cores // 3)
         encoders = opts.encode_workers or max(1, cores - workers - 1)

@@ -5,12 +5,15 @@ segue_dist/checkpoint.py), with each rank's distortion RNG and, in multi-process
 DeepSpeed: each engine writes its own checkpoint format (rank 0's module only); rank 0 adds `rank_buffers` (each
 rank's BatchNorm statistics) and, last, `position.json` with the position, the world size and the RNG states. The resume
 contract: a run resumed from any checkpoint (epoch end or every `checkpoint_every` steps) with the same world size is
-bit-identical to the uninterrupted run; another world size is refused.
+bit-identical to the uninterrupted run; another world size is refused. The checkpoint of the epoch a run ended on for
+good (all epochs run, or stopped on `stop_loss`) says so in its position's `stop` entry (`segue_dist/train.py`:
+`finished`), so that running it again does nothing.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,10 +31,13 @@ from segue_dist.checkpoint import (
 )
 from segue_dist.config import ConfigError
 from segue_dist.training.config import TrainConfig
-from segue_dist.training.runtime import Runner, Runtime
+from segue_dist.training.runtime import Runner, Runtime, deepspeed_requested
 from segue_dist.utils.io import atomic_write_json, read_json
 
-Position = dict[str, int]  # {"epoch": next epoch to run (from 1), "batch": batches of it done, "step": steps done}
+# {"epoch": next epoch to run (from 1), "batch": batches of it done, "step": steps done}, and on the checkpoint of the
+# epoch a run ended with, "stop": {"reason": "epochs" | "stop_loss", "epochs": the epochs asked for, and for stop_loss
+# "f_loss": the loss it stopped at, "stop_loss": the threshold then}.
+Position = dict[str, Any]
 
 
 def checkpoint_dir(cfg: TrainConfig) -> Path:
@@ -112,6 +118,17 @@ def gather_rank_buffers(module: nn.Module, rt: Runtime) -> dict[str, torch.Tenso
     return out
 
 
+def saved_position(cfg: TrainConfig) -> Position | None:
+    """The position of the last checkpoint under ``cfg.out`` (either format), read without loading a tensor or
+    joining the job; None when there is none."""
+    ckpt = checkpoint_dir(cfg)
+    if deepspeed_requested(cfg):
+        path = ckpt / "position.json"
+        return deepspeed_position(read_json(path)) if path.is_file() else None
+    path = ckpt / "last.json"
+    return read_json(path)["position"] if path.is_file() else None
+
+
 def load_checkpoint(g: Runner, f: Runner, rng: torch.Generator, cfg: TrainConfig, rt: Runtime) -> Position | None:
     """Restore the last checkpoint into g, f and ``rng``; returns where to continue, or None when there is none.
 
@@ -129,7 +146,7 @@ def load_checkpoint(g: Runner, f: Runner, rng: torch.Generator, cfg: TrainConfig
         rng.set_state(torch.tensor(meta["rng_states"][rt.rank], dtype=torch.uint8))
         if (ckpt / "rank_buffers.json").is_file():
             restore_rank_buffers(f.module, load_state(ckpt / "rank_buffers")[0], rt.rank)
-        return {k: v for k, v in meta.items() if k not in ("rng_states", "world_size")}
+        return deepspeed_position(meta)
     if not (ckpt / "last.json").is_file():
         return None
     tensors, meta = load_state(ckpt / "last")
@@ -143,6 +160,11 @@ def load_checkpoint(g: Runner, f: Runner, rng: torch.Generator, cfg: TrainConfig
     rng.set_state(tensors["distortion_rng"][rt.rank].clone())
     restore_rank_buffers(f.module, tensors, rt.rank)
     return meta["position"]
+
+
+def deepspeed_position(meta: dict[str, Any]) -> Position:
+    """The position in a DeepSpeed run's position.json (which also holds the world size and the RNG states)."""
+    return {k: v for k, v in meta.items() if k not in ("rng_states", "world_size")}
 
 
 @torch.no_grad()

@@ -70,7 +70,8 @@ def finish(
         )
         summary["generator"] = str(weights)
     atomic_write_json(Path(cfg.out) / "train_summary.json", summary)
-    print_history(history)
+    if history:  # empty when a finished checkpoint was only exported
+        print_history(history)
     console.print(f"stopped: {stop_reason}" + (f"; generator: {summary['generator']}" if exported else ""))
     return summary
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 
@@ -44,12 +45,17 @@ def make_progress(disable: bool = False) -> Progress:
     )
 
 
-def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], path: str = "") -> None:
+    """A table under ``title``. ``path`` (a file or folder the table is about) goes after the title on a line of its
+    own above the table, not into the title: rich wraps a title to the table's width, which breaks a long path
+    mid-name ("…/protected/trai" / "n"). That line is never wrapped by rich (a narrower terminal folds it itself)."""
     if not _is_main():
         return
-    table = Table(title=title)
+    table = Table(title=None if path else title)
     for col in columns:
         table.add_column(col, justify="right" if col not in (columns[0],) else "left")
     for row in rows:
         table.add_row(*[str(c) for c in row])
+    if path:
+        console.print(Text.assemble((f"{title}: ", "bold"), path), soft_wrap=True)
     console.print(table)
