@@ -16,7 +16,8 @@ Rows, each as images/s on this machine (all cores):
 * ``protect``: the whole job (``FolderProtector``: list, label, decode, G batched per chunk, upsample, quantise,
   encode, verify, atomic write, journal, manifest) with the default generator (``configs/train/default.yaml``,
   random weights: the cost does not depend on them) at face size 64 and 112 px (δ computed at that short side);
-* ``g_only``: G alone at the face size, batched as folder mode runs it (the ceiling G sets);
+* ``g_only``: G alone at the face size, batched as folder mode runs it (bf16 where the CPU has it): the ceiling
+  G sets;
 * peak RSS of the job (a subprocess) at two corpus sizes: flat means memory does not grow with the number of photos.
 """
 
@@ -47,6 +48,7 @@ from protect_throughput import machine_info, make_generator, write_results  # no
 from segue_dist import protect  # noqa: E402
 from segue_dist.checkpoint import load_generator  # noqa: E402
 from segue_dist.data.synthetic import generate_corpus  # noqa: E402
+from segue_dist.protect.compute import cpu_has_bf16  # noqa: E402
 from segue_dist.protect.photo import encode_photo, open_photo  # noqa: E402
 from segue_dist.utils.device import cpus_per_process  # noqa: E402
 from segue_dist.utils.io import atomic_write_bytes  # noqa: E402
@@ -145,7 +147,8 @@ def g_only_rate(generator: Path, face_size: int, batch: int, count: int, device:
     """images/s of G alone on (batch, face, face, 3) uint8 faces: batched on one thread per core on CPU, bf16
     batches on CUDA (synchronised at the end)."""
     model, _ = load_generator(generator, device)
-    perturber = protect.Perturber(model, torch.device(device), 8, threads=1, batched=True)
+    bf16 = device == "cpu" and cpu_has_bf16()  # as folder mode runs G (--precision auto)
+    perturber = protect.Perturber(model, torch.device(device), 8, threads=1, batched=True, cpu_bf16=bf16)
     workers = 1 if device.startswith("cuda") else cpus_per_process()
     faces = torch.randint(0, 256, (batch, face_size, face_size, 3), dtype=torch.uint8)
     labels = torch.arange(batch) % 8

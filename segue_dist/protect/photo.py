@@ -108,24 +108,25 @@ def face_input(planes: Planes, face_size: int) -> np.ndarray:
 
 
 def upsample_delta(delta: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """G's face-scale δ (h, w, C) float -> (height, width, C) float, bilinear (no-op at the same size).
+    """G's face-scale δ (h, w, C) float -> (C, height, width) float, bilinear (a copy at the same size).
 
     G is fully convolutional: run at full size it draws its pattern at full-size scale, which an attacker who
-    resizes faces to the training size averages away. So δ is computed at the face scale and upsampled: smooth at
-    full size, and back to G's own pattern after the attacker's resize. Bilinear weights are convex, so the
-    upsampled δ stays within G's bound. Computed channels-last (the NHWC tensor seen as NCHW), which keeps the
-    interpolation and the (H, W, C) result free of layout copies.
+    resizes faces to the training size may average away. So δ is computed at the face scale and upsampled: smooth
+    at full size, and back to G's own pattern after the attacker's resize. Bilinear weights are convex, so the
+    upsampled δ stays within G's bound. Channels-first on purpose: on contiguous NCHW the interpolation takes 12 ms
+    at 1024 px on one CPU thread, channels-last 24 ms.
     """
-    if tuple(delta.shape[:2]) == (height, width):
-        return delta
-    nchw = delta.permute(2, 0, 1)[None]
-    return F.interpolate(nchw, size=(height, width), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    chw = delta.permute(2, 0, 1).contiguous()
+    if tuple(chw.shape[1:]) == (height, width):
+        return chw
+    return F.interpolate(chw[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
 def delta_steps(delta: torch.Tensor, levels: int) -> torch.Tensor:
-    """Float δ in [0, 1] units -> whole uint8 levels (int16), rounded and clamped to ``[-levels, levels]``: adding
-    them to an integer image and clipping to [0, 255] keeps ``|protected - original| <= levels`` exactly."""
-    return delta.mul(255.0).round_().clamp_(-levels, levels).to(torch.int16)
+    """Float δ (C, H, W) in [0, 1] units -> whole uint8 levels (H, W, C) int16, rounded and clamped to
+    ``[-levels, levels]``: adding them to an integer image and clipping to [0, 255] keeps
+    ``|protected - original| <= levels`` exactly. Transposed after rounding (int16 moves half the bytes)."""
+    return delta.mul(255.0).round_().clamp_(-levels, levels).to(torch.int16).permute(1, 2, 0).contiguous()
 
 
 def face_scale_delta(rgb: np.ndarray, label: int, perturber: Perturber, face_size: int) -> torch.Tensor:
@@ -133,7 +134,7 @@ def face_scale_delta(rgb: np.ndarray, label: int, perturber: Perturber, face_siz
     (``face_input``) and upsampled to the photo's size (``upsample_delta``)."""
     small = face_input(Planes(rgb), face_size)
     delta = perturber.deltas(torch.from_numpy(np.array(small))[None], torch.tensor([label]))[0].float().cpu()
-    return upsample_delta(delta, *rgb.shape[:2])[None]
+    return upsample_delta(delta, *rgb.shape[:2]).permute(1, 2, 0)[None]
 
 
 def protect_planes(planes: Planes, face_delta: torch.Tensor, levels: int) -> Planes:
