@@ -60,7 +60,7 @@ from segue_dist.data.synthetic import generate_corpus  # noqa: E402
 from segue_dist.models.generator import SegueGenerator  # noqa: E402
 from segue_dist.training.config import TrainConfig  # noqa: E402
 from segue_dist.utils.device import cpus_per_process  # noqa: E402
-from segue_dist.utils.io import atomic_write_json  # noqa: E402
+from segue_dist.utils.io import atomic_write_json, read_json  # noqa: E402
 from segue_dist.utils.progress import console, print_table  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -110,6 +110,12 @@ def make_generator(folder: Path, width: int = 0, blocks: int = 0, train_size: in
     generator = SegueGenerator(dataclasses.replace(cfg.generator, **changes))
     train_config = {"data": {"image_size": [train_size]}}
     return export_generator(generator, folder, label_map=None, label_source="cls", train_config=train_config)
+
+
+def generator_shape(weights: Path) -> dict[str, int]:
+    """Width and residual blocks of an exported generator (its generator.json)."""
+    cfg = read_json(weights.parent / "generator.json")["generator"]
+    return {"width": cfg["width"], "num_res_blocks": cfg["num_res_blocks"]}
 
 
 def read_images(split: Path, limit: int) -> list[bytes]:
@@ -353,7 +359,7 @@ def run_cpu(work: Path, quick: bool) -> dict[str, Any]:
     )
     return {
         "mode": "cpu",
-        "generator_full": {"width": 32, "num_res_blocks": 4},
+        "generator_full": {"config": "configs/train/default.yaml", **generator_shape(full_g)},
         "generator_tiny": {"width": 8, "num_res_blocks": 1},
         "input": "synthetic faces, JPEG q95",
         "settings": settings,
@@ -362,7 +368,7 @@ def run_cpu(work: Path, quick: bool) -> dict[str, Any]:
         "notes": [
             "floor = decode + encode alone over every core; floor_verify adds protect's decode of the written file",
             "protect uses the default G; protect_tiny_g a width-8, 1-block G to expose the pipeline's own overhead",
-            "on CPU, G (about 13 GFLOP per 224 px image) bounds the job: compare protect with g_only, not the floor",
+            "on CPU, G (run per image in fp32 for bit-exact shards) bounds the job: compare protect with g_only",
         ],
     }
 
