@@ -18,7 +18,6 @@ CUDA: G runs the chunk's faces in bf16 on the GPU; decode, up-sampling and encod
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections import deque
 from concurrent.futures import Future
@@ -45,7 +44,7 @@ from segue_dist.protect.folder_records import (
     write_folder_manifest,
 )
 from segue_dist.protect.metadata import KEPT
-from segue_dist.protect.options import TEST_DELAY_ENV, ProtectOptions, resolve_batch_size
+from segue_dist.protect.options import ProtectOptions, delay_for_tests_s, resolve_batch_size
 from segue_dist.protect.photo import OpenedPhoto, PhotoResult, face_deltas, finish_photo, open_for_protect
 from segue_dist.protect.pipeline import refuse_in_place
 from segue_dist.protect.quantise import eps_levels
@@ -106,9 +105,10 @@ class FolderProtector:
         self.hint = "" if opts.allow_unseen_labels else f" (--allow-unseen-labels accepts up to {2**cfg.bits - 1})"
         self.threads = opts.threads or cpus_per_process()
         self.chunk_size = resolve_batch_size(opts, self.device.type == "cuda")
-        self.delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
-        auto_bf16 = opts.precision == "auto" and cpu_has_bf16()
-        self.cpu_bf16 = self.device.type == "cpu" and (opts.precision == "bf16" or auto_bf16)
+        self.delay = delay_for_tests_s()
+        # G batched over chunks; on CPU in bf16 where the CPU has it natively (--precision auto).
+        cpu_bf16 = opts.precision == "bf16" or (opts.precision == "auto" and cpu_has_bf16())
+        self.perturber = Perturber(self.generator, self.device, self.levels, threads=1, batched=True, cpu_bf16=cpu_bf16)
         self.listing = list_folder(self.in_dir, exclude=self.out_dir)
         self.labels = photo_labels(self.listing.photos, opts.labels, self.limit, self.hint)
 
@@ -132,14 +132,8 @@ class FolderProtector:
             # G's batches are the chunks, and a batch's composition (like the device) can flip the odd uint8
             # rounding: a resume with another value warns (settings.SETTINGS_SHOULD_MATCH).
             "batch_size": self.chunk_size,
-            "compute": "cuda-bf16"
-            if self.device.type == "cuda"
-            else f"cpu-{'bf16' if self.cpu_bf16 else 'fp32'}-batch",
+            "compute": self.perturber.compute_label(),
         }
-
-    def perturber(self) -> Perturber:
-        """G batched over chunks; on CPU in bf16 where the CPU has it natively (``--precision auto``)."""
-        return Perturber(self.generator, self.device, self.levels, threads=1, batched=True, cpu_bf16=self.cpu_bf16)
 
     def chunks(self) -> list[list[str]]:
         """The sorted photo list cut into consecutive chunks of ``chunk_size``: G's batches, the ranks' unit."""
@@ -173,13 +167,11 @@ class FolderProtector:
         if todo:
             if self.device.type == "cpu":
                 torch.set_num_threads(1)  # the parallelism is across chunks (see Perturber._forward)
-            perturber = self.perturber()
             journal = Journal(self.out_dir, self.rank, self.world)
             try:
-                summary.entries = self._loop(todo, to_write, perturber, journal)
+                summary.entries = self._loop(todo, to_write, self.perturber, journal)
             finally:
                 journal.close()
-                perturber.close()
         summary.seconds = time.perf_counter() - start
         return summary
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from segue_dist.utils.device import cpus_per_process
@@ -13,6 +14,11 @@ INPUT_FORMATS = ("auto", "shards", "folder")
 PRECISIONS = ("auto", "fp32", "bf16")
 # Test hook: seconds to sleep after each written batch, so a test can kill -9 the job in the middle of a shard.
 TEST_DELAY_ENV = "SEGUE_PROTECT_TEST_DELAY_S"
+
+
+def delay_for_tests_s() -> float:
+    """Seconds to sleep per unit of work, from ``TEST_DELAY_ENV`` (tests only: a window for ``kill -9``); 0 unset."""
+    return float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -38,8 +37,8 @@ from segue_dist.protect.codecs import (
 from segue_dist.protect.compute import Perturber
 from segue_dist.protect.gpu_codec import GpuCodec
 from segue_dist.protect.options import (
-    TEST_DELAY_ENV,
     ProtectOptions,
+    delay_for_tests_s,
     resolve_batch_size,
     resolve_encode_backend,
     resolve_workers,
@@ -146,7 +145,7 @@ class Protector:
         self.encode_backend = resolve_encode_backend(opts.encode_backend, opts.format, self.encoders)
         self.protected_info = {"generator_sha256": self.generator_sha, "eps": self.eps, **self.spec.describe()}
         self.protected_info["label_source"] = "cls" if opts.labels is None else "sidecar"
-        self.delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+        self.delay = delay_for_tests_s()
         self.timer = PhaseTimer()
         # The batched JPEG codec (--gpu-codec: nvJPEG on this rank's GPU). GpuCodec runs on any torch device, so a
         # caller may attach one on the CPU (torchvision's CPU codecs) to exercise this path without a GPU.
