@@ -6,13 +6,16 @@ of the attacker catalogue (JPEG-10, grayscale, ISS, half resolution, Cutout, adv
 a ResNet-18 victim is trained on the (attacked) protected set and tested on clean faces. The clean set and LSP are
 measured under the same rows.
 
-    python bench/protection.py run --name clean --method clean
-    python bench/protection.py run --name lsp --method lsp
-    python bench/protection.py run --name template --method segue --train-set generator.arch=template ...
-    python bench/protection.py summary --default template
+    python bench/protection.py run --name clean --method clean --seeds 0,1,2
+    python bench/protection.py run --name lsp --method lsp --seeds 0,1,2
+    python bench/protection.py run --name gray --method segue --seeds 0,1,2 --train-set distortion.grayscale_p=0.5
+    python bench/protection.py summary --default gray
 
-Results: one JSON per variant under --out (default bench/results/protection/), and summary.json
-(``{"default", "chance", "rows": {variant: {attack: acc}}}``), rewritten after every run. Everything runs in memory
+A seed is the training seed of G (``seed=N``), of LSP's patterns and of the victim: every cell is the mean over
+the seeds run, with its min and max. Results: one JSON per variant under --out (default bench/results/protection/;
+``runs`` holds each seed's rows, quality and δ statistics, ``rows`` their mean and range), and summary.json
+(``{"default", "chance", "rows": {variant: {attack: mean acc}}, "seeds": {variant: n},
+"spread": {variant: {attack: [min, max]}}, "quality": ..., "delta": ...}``), rewritten after every run. Everything runs in memory
 on the shard set given by --shards (default shards/glint24_32, built with
 ``segue shards build --src $SEGUE_FACES/glint24 --out shards/glint24_32 --test-per-identity 10 --size 32``).
 Use ``OMP_NUM_THREADS=1`` per job and at most two jobs at once on a 2-core machine.
@@ -21,6 +24,7 @@ Use ``OMP_NUM_THREADS=1`` per job and at most two jobs at once on a 2-core machi
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -40,6 +44,7 @@ from segue_dist.attacks import transform_images as attacker_transform  # noqa: E
 from segue_dist.baselines import make_baseline_perturbations  # noqa: E402
 from segue_dist.evaluate import MemoryFeed, PreparedData, TestFeed, VictimConfig, load_image_set, train_victim  # noqa: E402
 from segue_dist.metrics.image_quality import psnr, ssim  # noqa: E402
+from segue_dist.metrics.perturbation import delta_statistics  # noqa: E402
 from segue_dist.utils.dist import best_device  # noqa: E402
 from segue_dist.utils.io import atomic_write_json  # noqa: E402
 
@@ -51,11 +56,12 @@ ATTACKS: dict[str, dict[str, Any]] = {
     "half_res": {"name": "half_res", "scale": 0.5},
     "cutout": {"name": "cutout", "augment": "cutout"},
     "adv2": {"name": "adv2", "adv_rho": 2 / 255},
+    "op": {"name": "op", "orthogonal_projection": True},
 }
-# Every attack row trains the standard-stem ResNet-18 (stride-2 conv + max-pool: 2-3 CPU minutes at 32 px); the
-# no-attack row once more with the CIFAR-style small stem (the harness default at <= 112 px), which costs ~10x more.
+# Every attack row trains the standard-stem ResNet-18 (stride-2 conv + max-pool: 2-3 CPU minutes at 32 px). On
+# request (--rows), the no-attack row once more with the CIFAR-style small stem, which costs ~10x more.
 SMALL_STEM_ROW = "none_small_stem"
-DEFAULT_ROWS = [*ATTACKS, SMALL_STEM_ROW]
+DEFAULT_ROWS = list(ATTACKS)
 
 
 def load_split(shards: Path, split: str) -> Any:
@@ -77,6 +83,19 @@ def protect_lsp(images: torch.Tensor, labels: torch.Tensor, num_classes: int, ar
     return quantise(images, delta, args.eps)
 
 
+def protect_tap(images: torch.Tensor, labels: torch.Tensor, num_classes: int, args: argparse.Namespace) -> torch.Tensor:
+    """Targeted adversarial poisoning (baselines/tap.py) with a surrogate of the victim's architecture and stem."""
+    from segue_dist.models.classifiers import build_classifier
+
+    x = images.float() / 255
+    delta = make_baseline_perturbations(
+        "tap", x, labels, num_classes, eps=args.eps, seed=args.seed,
+        model_factory=lambda: build_classifier("resnet18", num_classes, images.shape[-1], small_stem=False),
+        pgd_steps=args.tap_steps,
+    )  # fmt: skip
+    return quantise(images, delta, args.eps)
+
+
 def quantise(images: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
     """uint8 protected images whose difference to the originals is at most round(255 eps) levels."""
     levels = round(255 * eps)
@@ -93,9 +112,10 @@ def protect_segue(
     from segue_dist.config import load_config
     from segue_dist.train import TrainConfig, train
 
-    out = Path(args.work) / args.name
+    out = Path(args.work) / args.name / f"seed{args.seed}"
     overrides = [
         f"out={out}",
+        f"seed={args.seed}",
         f"data.train={args.shards / 'train'}",
         f"data.image_size=[{images.shape[-1]}]",
         "data.num_workers=0",
@@ -163,6 +183,7 @@ def protect_pattern(
 METHODS = {
     "clean": protect_clean,
     "lsp": protect_lsp,
+    "tap": protect_tap,
     "segue": protect_segue,
     "grating": protect_pattern,
     "blocks": protect_pattern,
@@ -179,7 +200,7 @@ def victim_row(
     attack = AttackerConfig(**ATTACKS["none" if row == SMALL_STEM_ROW else row])
     small_stem = row == SMALL_STEM_ROW
     cfg = VictimConfig(epochs=args.victim_epochs, batch_size=64, seed=args.seed, small_stem=small_stem, workers=1)
-    train_images = attacker_transform(protected, attack, train=True)
+    train_images = attacker_transform(protected, attack, train=True, labels=labels)
     device = best_device()  # the GPU when there is one; every row runs on CPU too
     feed = MemoryFeed(train_images, labels, cfg.batch_size, cfg.seed, device)
     test = TestFeed(str(args.shards / "test"), cfg, attack, in_memory=True)
@@ -194,26 +215,97 @@ def victim_row(
     }
 
 
-def image_quality(clean: torch.Tensor, protected: torch.Tensor) -> dict[str, float]:
+def image_quality(clean: torch.Tensor, protected: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """PSNR, SSIM and L∞ of the protected set against the clean one, and the δ statistics (grey share, class cosine)."""
     x, y = clean.float() / 255, protected.float() / 255
     return {
         "psnr_db": round(float(psnr(y, x).clamp(max=100).mean()), 2),
         "ssim": round(float(ssim(y, x).mean()), 4),
         "linf_levels": int((protected.int() - clean.int()).abs().max()),
+        **delta_statistics(y - x, labels),
     }
 
 
-def run(args: argparse.Namespace) -> None:
+def runs_of(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A variant's runs by seed; a record written before seeds existed is its one run, seed 0."""
+    if "runs" in record:
+        return record["runs"]
+    keys = ("rows", "quality", "train_seconds", "train_history", "saturated_fraction", "make_seconds")
+    return {"0": {k: record[k] for k in keys if k in record}} if record.get("rows") else {}
+
+
+def mean_rows(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each attack row over the seeds that ran it: mean accuracy ("acc"), "min", "max", "seeds" and every "accs"."""
+    accs: dict[str, list[float]] = {}
+    for run_ in runs.values():
+        for row, result in run_.get("rows", {}).items():
+            accs.setdefault(row, []).append(result["acc"])
+    return {
+        row: {"acc": sum(v) / len(v), "min": min(v), "max": max(v), "seeds": len(v), "accs": v}
+        for row, v in accs.items()
+    }
+
+
+def mean_quality(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The mean over seeds of every image-quality and δ statistic (L∞: the largest)."""
+    merged: dict[str, list[float]] = {}
+    for run_ in runs.values():
+        for key, value in run_.get("quality", {}).items():
+            merged.setdefault(key, []).append(value)
+    return {k: (max(v) if k == "linf_levels" else round(sum(v) / len(v), 4)) for k, v in merged.items()}
+
+
+def run_seed(args: argparse.Namespace, train_set: Any, record: dict[str, Any]) -> None:
+    """Make the protected set for ``args.seed`` and train a victim on every row not yet in its run."""
     torch.manual_seed(args.seed)
-    train_set = load_split(args.shards, "train")
     k = train_set.num_classes
     args.extra = {}
     t0 = time.perf_counter()
     protected = METHODS[args.method](train_set.images, train_set.labels, k, args)
-    make_seconds = time.perf_counter() - t0
+    old = runs_of(record).get(str(args.seed), {}) if args.keep else {}
+    run_ = {
+        **old,
+        "quality": image_quality(train_set.images, protected, train_set.labels),
+        "make_seconds": round(time.perf_counter() - t0, 1),
+        **args.extra,
+        "env": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2 / AVX512 kernels (ATEN_CPU_CAPABILITY)
+        },
+    }
+    rows = dict(old.get("rows", {}))
     path = Path(args.out) / f"{args.name}.json"
-    record: dict[str, Any] = json.loads(path.read_text()) if path.exists() and args.keep else {}
-    rows = dict(record.get("rows", {}))
+    for row in args.rows.split(","):
+        if row in rows and args.keep:
+            continue
+        t1 = time.perf_counter()
+        rows[row] = victim_row(protected, train_set.labels, k, row, args)
+        print(
+            f"{args.name:>20} seed {args.seed} {row:>14}: {rows[row]['acc']:5.1f}%  ({time.perf_counter() - t1:.0f} s)"
+        )
+        run_["rows"] = rows
+        save_run(path, record, str(args.seed), run_)
+
+
+def save_run(path: Path, record: dict[str, Any], seed: str, run_: dict[str, Any]) -> None:
+    """Write one seed's run into the variant's JSON, merged with the seeds other processes wrote meanwhile."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two seeds of one variant may run as two jobs at once
+        on_disk = json.loads(path.read_text()) if path.exists() else {}
+        runs = {**runs_of(on_disk), seed: run_}
+        record.update(runs=runs, rows=mean_rows(runs), quality=mean_quality(runs))
+        for stale in ("train_seconds", "train_history", "saturated_fraction", "make_seconds", "env"):
+            record.pop(stale, None)  # per seed now, under runs
+        atomic_write_json(path, record)
+
+
+def run(args: argparse.Namespace) -> None:
+    train_set = load_split(args.shards, "train")
+    path = Path(args.out) / f"{args.name}.json"
+    record: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    k = train_set.num_classes
     record.update(
         {
             "variant": args.name,
@@ -231,56 +323,68 @@ def run(args: argparse.Namespace) -> None:
                 "optimizer": "adam 1e-3",
                 "flip_crop": True,
             },
-            "quality": image_quality(train_set.images, protected),
-            "make_seconds": round(make_seconds, 1),
-            **args.extra,
-            "env": {
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "threads": torch.get_num_threads(),
-            },
         }
     )
-    for row in args.rows.split(","):
-        if row in rows and args.keep:
-            continue
-        t1 = time.perf_counter()
-        rows[row] = victim_row(protected, train_set.labels, k, row, args)
-        print(f"{args.name:>20} {row:>14}: {rows[row]['acc']:5.1f}%  ({time.perf_counter() - t1:.0f} s)", flush=True)
-        record["rows"] = rows
-        atomic_write_json(path, record)
+    for seed in (int(s) for s in args.seeds.split(",")):
+        args.seed = seed
+        run_seed(args, train_set, record)
     write_summary(Path(args.out), args.default)
 
 
 def write_summary(out: Path, default: str) -> None:
-    rows: dict[str, dict[str, float]] = {}
+    summary: dict[str, Any] = {"rows": {}, "seeds": {}, "spread": {}, "quality": {}}
     chance = math.nan
     for path in sorted(out.glob("*.json")):
         if path.name == "summary.json":
             continue
         record = json.loads(path.read_text())
         chance = record.get("chance", chance)
-        rows[record["variant"]] = {name: row["acc"] for name, row in record.get("rows", {}).items()}
+        runs = runs_of(record)
+        rows = mean_rows(runs)
+        name = record["variant"]
+        summary["rows"][name] = {row: r["acc"] for row, r in rows.items()}
+        summary["seeds"][name] = len(runs)
+        summary["spread"][name] = {row: [r["min"], r["max"]] for row, r in rows.items()}
+        summary["quality"][name] = mean_quality(runs)
     summary_path = out / "summary.json"
     old = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    atomic_write_json(summary_path, {"default": default or old.get("default", ""), "chance": chance, "rows": rows})
+    atomic_write_json(summary_path, {"default": default or old.get("default", ""), "chance": chance, **summary})
+
+
+def cell(mean: float | None, spread: list[float] | None) -> str:
+    """'12.3 (10.0–15.4)' for a row run on several seeds, '12.3' for one, '–' when not run."""
+    if mean is None:
+        return "–"
+    if spread and spread[1] > spread[0]:
+        return f"{mean:.1f} ({spread[0]:.1f}–{spread[1]:.1f})"
+    return f"{mean:.1f}"
 
 
 def markdown_table(out: Path) -> str:
     """summary.json as the README's Markdown table: one line per variant, one column per attack row."""
     summary = json.loads((out / "summary.json").read_text())
     columns = [*ATTACKS, SMALL_STEM_ROW]
+    header = [*columns, "PSNR dB", "grey share", "class cos", "seeds"]
     lines = [
-        "| variant | " + " | ".join(columns) + " |",
-        "|---" * (len(columns) + 1) + "|",
+        "| variant | " + " | ".join(header) + " |",
+        "|---" * (len(header) + 1) + "|",
     ]
     order = ["clean", "lsp", summary["default"]]
     names = order + sorted(n for n in summary["rows"] if n not in order)
     for name in names:
         row = summary["rows"].get(name, {})
         label = f"**{name}** (default)" if name == summary["default"] else name
-        cells = [f"{row[c]:.1f}" if c in row else "–" for c in columns]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        spread = summary.get("spread", {}).get(name, {})
+        cells = [cell(row.get(c), spread.get(c)) for c in columns]
+        quality = summary.get("quality", {}).get(name, {})
+        psnr_db = quality.get("psnr_db", math.nan)
+        extra = [
+            f"{psnr_db:.1f}" + (" (< 30 dB)" if psnr_db < 30 else ""),
+            f"{quality.get('grey_energy_share', math.nan):.2f}",
+            f"{quality.get('class_mean_cosine', math.nan):.2f}",
+            str(summary.get("seeds", {}).get(name, 1)),
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells + extra) + " |")
     return "\n".join(lines)
 
 
@@ -295,7 +399,8 @@ def main() -> None:
     r.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     r.add_argument("--victim-epochs", type=int, default=8)
     r.add_argument("--eps", type=float, default=8 / 255)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seeds", default="0", help="comma-separated seeds (G's training seed and the victim's)")
+    r.add_argument("--tap-steps", type=int, default=30, help="tap: targeted PGD steps")
     r.add_argument("--grid", type=int, default=4, help="blocks probe: cells per side")
     r.add_argument("--train-config", default=str(REPO / "configs/train/default.yaml"))
     r.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE")

@@ -8,6 +8,9 @@ Two kinds of transform:
 * **batch-level**, applied to every float batch during training, differentiable where that matters: the standard
   flip + crop every victim uses, Cutout (2 patches of half the image side), Mixup (λ ~ Beta(1, 1)), CutMix, Gaussian
   blur (kernel 5, σ 1) and PGD adversarial training (Madry et al.) with an L∞ radius ρ_a.
+* **set-level**, which needs the labels of the whole training set: Orthogonal Projection (Sandoval-Segura et al.,
+  "What Can We Learn from Unlearnable Datasets?", NeurIPS 2023, Section 4.4), which fits a linear classifier to the
+  protected set and removes the subspace its weights span from every training image.
 
 Every random choice takes an explicit ``torch.Generator`` (always a CPU one, so a seeded run is reproducible on any
 device). Library module: tensors in, tensors out; no file I/O, no printing.
@@ -50,6 +53,7 @@ __all__ = [
     "jpeg_compress",
     "mixup",
     "one_hot",
+    "orthogonal_projection",
     "pgd_linf",
     "select_protected",
     "train_batch_transform",
@@ -74,6 +78,7 @@ class AttackerConfig:
     iss: bool = False  # grayscale + JPEG-10 (Image Shortcut Squeezing)
     resolution: int = 0  # 0 = the images' own size; else down-sample train AND test so the short side is this
     scale: float = 1.0  # the same, relative: 0.5 = half the resolution (one config for 32 px and 224 px runs)
+    orthogonal_projection: bool = False  # remove what a linear model learns from the training set (set-level)
     protected_fraction: float = 1.0  # share of training images taken from the protected set (by key, seeded)
     standard_augment: bool = True  # random flip + crop (pad = side / 8), what every victim trains with
     cutout_holes: int = 2
@@ -143,6 +148,7 @@ class AttackerConfig:
                 ("augment", self.augment != "none"),
                 ("resolution", self.resolution > 0 or self.scale < 1.0),
                 ("partial", self.protected_fraction < 1.0),
+                ("projection", self.orthogonal_projection),
             )
             if on
         ]
@@ -206,12 +212,13 @@ def downscale(x: Tensor, short_side: int) -> Tensor:
     return out.to(x.dtype)
 
 
-def transform_images(x: Tensor, cfg: AttackerConfig, *, train: bool) -> Tensor:
+def transform_images(x: Tensor, cfg: AttackerConfig, *, train: bool, labels: Tensor | None = None) -> Tensor:
     """The attacker's one-off data transforms for a uint8 image batch, in the order an attacker would apply them.
 
-    Training images: grayscale (or ISS's) -> JPEG re-encode -> down-sample. Test images: only the transforms that are
-    part of the attacker's model input pipeline (grayscale and resolution); JPEG is something done to the scraped
-    training data, so clean test images stay uncompressed.
+    Training images: grayscale (or ISS's) -> JPEG re-encode -> down-sample -> Orthogonal Projection (which needs
+    ``labels``, (N,) int64, and raises ValueError without them). Test images: only the transforms that are part of
+    the attacker's model input pipeline (grayscale and resolution); JPEG and the projection are done to the scraped
+    training data, so clean test images stay as they are.
     """
     if cfg.effective_grayscale:
         x = grayscale(x)
@@ -220,7 +227,58 @@ def transform_images(x: Tensor, cfg: AttackerConfig, *, train: bool) -> Tensor:
     h, w = cfg.train_size(x.shape[-2], x.shape[-1])
     if (h, w) != tuple(x.shape[-2:]):
         x = downscale(x, min(h, w))
+    if train and cfg.orthogonal_projection:
+        if labels is None:
+            raise ValueError("orthogonal_projection needs the training labels (transform_images(..., labels=y))")
+        x = orthogonal_projection(x, labels)
     return x
+
+
+# ----------------------------------------------------------------------------------------- set-level (projection)
+
+
+def fit_linear_classifier(
+    x: Tensor, labels: Tensor, num_classes: int, *, epochs: int = 20, batch_size: int = 128, seed: int = 0
+) -> Tensor:
+    """Multinomial logistic regression on flattened images; x: (N, D) float, labels: (N,). Returns W: (K, D).
+
+    Zero initialisation, Adam (lr 1e-3), ``epochs`` passes over shuffled mini-batches, no weight decay: the model of Orthogonal
+    Projection (Sandoval-Segura et al. 2023, Section 4.4), which is meant to latch onto a class-wise pattern.
+    """
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(x.shape[1], num_classes)
+    nn.init.zeros_(model.weight)  # the weights then hold only what the data taught: no random directions to remove
+    nn.init.zeros_(model.bias)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(batch_size):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[idx]), labels[idx]).backward()
+            opt.step()
+    return model.weight.detach()
+
+
+def orthogonal_projection(x: Tensor, labels: Tensor, *, epochs: int = 20, seed: int = 0) -> Tensor:
+    """Orthogonal Projection (Sandoval-Segura et al., NeurIPS 2023, Section 4.4): x minus its part in span(W).
+
+    x: (N, C, H, W) uint8 or float in [0, 1]; labels: (N,) int64 with values in [0, K). W (K, C·H·W) is a linear
+    classifier fitted to the (protected) training set; an orthonormal basis Q of its rows (QR) gives
+    x' = x - Q Qᵀ (x - μ) for every image, μ the training set's mean image: centred, so that what is removed is what
+    tells the classes apart and not the mean face (clean test images, never projected, stay in distribution).
+    uint8 in -> rounded, clipped uint8 out; float in -> float out, unclipped.
+    """
+    _check_images(x, "orthogonal_projection")
+    if labels.shape != (x.shape[0],):
+        raise ValueError(f"orthogonal_projection: labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
+    scale = 255.0 if x.dtype == torch.uint8 else 1.0
+    flat = x.detach().cpu().float().flatten(1) / scale
+    weights = fit_linear_classifier(flat, labels.cpu(), int(labels.max()) + 1, epochs=epochs, seed=seed)
+    q, _ = torch.linalg.qr(weights.T)  # (D, K): orthonormal columns spanning the classifier's weights
+    centred = flat - flat.mean(dim=0)
+    projected = (flat - (centred @ q) @ q.T).view_as(x).to(x.device)
+    if x.dtype == torch.uint8:
+        return (projected * 255).round().clamp(0, 255).to(torch.uint8)
+    return projected.to(x.dtype)
 
 
 def select_protected(keys: Sequence[str], fraction: float, seed: int) -> list[bool]:

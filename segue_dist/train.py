@@ -37,7 +37,14 @@ from segue_dist.data.loader import train_loader
 from segue_dist.distortion import DistortionLayer
 from segue_dist.training.build import TrainingSetup, build_models, build_surrogate, resolve_labels, setup_training
 from segue_dist.training.checkpointing import load_checkpoint, save_checkpoint, saved_position
-from segue_dist.training.config import SCHEDULES, DataConfig, OptimConfig, SurrogateConfig, TrainConfig
+from segue_dist.training.config import (
+    SCHEDULES,
+    DataConfig,
+    OptimConfig,
+    SurrogateConfig,
+    TrainConfig,
+    distortion_at,
+)
 from segue_dist.training.history import EpochMeter, Logger, StepLosses
 from segue_dist.training.runtime import Runner, Runtime, average_buffers, make_runtime, to_float_images
 from segue_dist.training.summary import PAUSED, finish
@@ -312,7 +319,10 @@ def stage_of(epoch: int, f_every: int, schedule: str = "alternate") -> str:
 
 
 def begin_epoch(s: TrainingSetup, cfg: TrainConfig, epoch: int, stage: str, resumed_mid_epoch: bool) -> None:
-    """Reset f when the schedule says so, set this epoch's learning rates, and freeze the player that rests."""
+    """Reset f when the schedule says so, set this epoch's learning rates and distortion (curriculum), and freeze the
+    player that rests."""
+    if cfg.curriculum.from_epoch:
+        s.distortion = DistortionLayer(distortion_at(cfg, epoch)).to(s.rt.device)
     if not resumed_mid_epoch and resets_surrogate(epoch, cfg):  # a mid-epoch checkpoint already holds the fresh f
         reset_surrogate(s.f, cfg, s.labels.num_classes, epoch)
     if stage != "g":

@@ -1,4 +1,4 @@
-"""Baselines (random noise, LSP, UE): budgets, determinism, class structure, separability, error minimisation."""
+"""Baselines (random noise, LSP, UE, TAP): budgets, determinism, class structure, separability, error minimisation."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from segue_dist.baselines import (
     BASELINES,
     LSP,
     RandomNoise,
+    TAPConfig,
     UEConfig,
     default_patch_grid,
     generate_ue,
@@ -25,6 +26,7 @@ EPS = 8 / 255
 K, PER, SIZE = 4, 16, 32
 # Tiny UE budget: enough rounds for the min-min loop to bite on 64 images, seconds on 2 CPU cores.
 UE_FAST: dict[str, Any] = {"pgd_steps": 3, "train_steps": 3, "max_rounds": 2, "batch_size": 32}
+TAP_FAST: dict[str, Any] = {"train_epochs": 2, "pgd_steps": 4, "batch_size": 32}
 
 
 def tiny_cnn(num_classes: int = K, size: int = SIZE) -> nn.Module:
@@ -69,11 +71,12 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "lsp-rescale": ("lsp", {"linf_mode": "rescale"}),
     "ue-samplewise": ("ue", {"mode": "samplewise", **UE_FAST}),
     "ue-classwise": ("ue", {"mode": "classwise", **UE_FAST}),
+    "tap": ("tap", TAP_FAST),
 }
 
 
 def _make(method: str, kw: dict[str, Any], x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    factory: Callable[[], nn.Module] | None = tiny_cnn if method == "ue" else None
+    factory: Callable[[], nn.Module] | None = tiny_cnn if method in ("ue", "tap") else None
     return make_baseline_perturbations(method, x, y, num_classes=K, eps=EPS, seed=seed, model_factory=factory, **kw)
 
 
@@ -295,3 +298,28 @@ def test_ue_batchnorm_surrogate_with_ragged_batches() -> None:
         res = run_ue(model, x, y, UEConfig(mode=mode, pgd_steps=2, train_steps=4, max_rounds=2, batch_size=8))  # type: ignore[arg-type]
         assert res.delta.shape == x.shape and float(res.delta.abs().max()) <= EPS + 1e-6
     assert model.training, "the surrogate's train/eval mode is restored"
+
+
+def test_tap_moves_the_surrogate_toward_the_next_class() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(K * PER, 3, SIZE, SIZE, generator=g) * 0.5 + 0.25
+    y = torch.arange(K).repeat_interleave(PER)
+    half = SIZE // 2
+    for k in range(K):  # a brighter quadrant per class: a surrogate learns the classes in a few epochs
+        x[y == k, :, (k // 2) * half : (k // 2 + 1) * half, (k % 2) * half : (k % 2 + 1) * half] += 0.2
+    built: list[nn.Module] = []
+
+    def factory() -> nn.Module:
+        built.append(tiny_cnn())
+        return built[-1]
+
+    delta = make_baseline_perturbations("tap", x, y, num_classes=K, eps=EPS, seed=0, model_factory=factory,
+                                        train_epochs=6, pgd_steps=10, batch_size=16)  # fmt: skip
+    assert float(delta.abs().max()) <= EPS + 1e-6
+    surrogate, target = built[0], (y + 1) % K
+    with torch.no_grad():
+        on_clean = (surrogate(x).argmax(1) == target).float().mean()
+        on_tap = (surrogate((x + delta).clamp(0, 1)).argmax(1) == target).float().mean()
+    assert on_tap > on_clean + 0.3, (float(on_clean), float(on_tap))
+    with pytest.raises(ValueError, match="pgd_steps"):
+        TAPConfig(pgd_steps=0)

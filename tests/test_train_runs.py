@@ -171,3 +171,41 @@ def test_two_process_launch_refuses_a_one_process_checkpoint(
     # Both ranks ran (world size 2, not one process that found a 1-process checkpoint fine) and refused.
     assert out.count("checkpoint was written by 1 processes, this run has 2") >= 2, out[-3000:]
     assert not (tmp_path / "generator.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------------- curriculum
+
+
+def test_curriculum_switches_the_distortion_at_its_epoch_and_resumes_exactly(
+    tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segue_dist.config import ConfigError, load_config
+    from segue_dist.training.config import distortion_at
+
+    stage = ["epochs=3", "curriculum.from_epoch=2", "curriculum.distortion.grayscale_p=1.0"]
+    seen: list[tuple[int, float]] = []
+    real_begin = train_module.begin_epoch
+
+    def record(s: Any, cfg: Any, epoch: int, *args: Any, **kwargs: Any) -> None:
+        real_begin(s, cfg, epoch, *args, **kwargs)
+        seen.append((epoch, s.distortion.config.grayscale_p))
+
+    monkeypatch.setattr(train_module, "begin_epoch", record)
+    whole = run_train(tmp_path / "whole", tiny_shards, *stage)
+    assert seen == [(1, 0.0), (2, 1.0), (3, 1.0)] and whole["last_epoch"] == 3
+    # Two epochs, then a rerun with one more: the second stage is rebuilt from the config, bit for bit.
+    run_train(tmp_path / "split", tiny_shards, *stage[1:], "epochs=2")
+    run_train(tmp_path / "split", tiny_shards, *stage)
+    assert_same_weights(generator_state(tmp_path / "split"), generator_state(tmp_path / "whole"))
+    # Without the second stage the generator differs: grayscale reached the loss.
+    run_train(tmp_path / "plain", tiny_shards, "epochs=3")
+    plain, staged = generator_state(tmp_path / "plain"), generator_state(tmp_path / "whole")
+    assert any(not torch.equal(plain[k], staged[k]) for k in plain)
+    cfg = load_config(TrainConfig, None, ["epochs=4", "curriculum.from_epoch=3", "curriculum.distortion.jpeg_p=0.9"])
+    assert distortion_at(cfg, 2).jpeg_p == cfg.distortion.jpeg_p and distortion_at(cfg, 3).jpeg_p == 0.9
+    with pytest.raises(ConfigError, match="unknown distortion key"):
+        load_config(TrainConfig, None, ["curriculum.from_epoch=2", "curriculum.distortion.greyscale_p=1"])
+    with pytest.raises(ConfigError, match="after the last epoch"):
+        load_config(TrainConfig, None, ["epochs=2", "curriculum.from_epoch=3"])
+    with pytest.raises(ConfigError, match="grayscale_p"):
+        load_config(TrainConfig, None, ["curriculum.from_epoch=2", "curriculum.distortion.grayscale_p=2"])

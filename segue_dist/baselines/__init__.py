@@ -1,4 +1,4 @@
-"""Baseline availability attacks the Segue paper compares against: random noise, LSP, UE.
+"""Baseline availability attacks the Segue paper compares against (random noise, LSP, UE) and TAP.
 
 Uniform entry point for the evaluation harness::
 
@@ -18,6 +18,8 @@ Per-method keyword options (``**kw``):
   ``batch_size``, ``lr``, ...), plus ``device`` and ``progress_callback``. Needs ``model_factory``: a zero-argument
   callable returning a fresh surrogate ``nn.Module`` (e.g. ``lambda: build_classifier("resnet18", K)``); it is
   called under a forked RNG seeded from ``seed`` so the surrogate's initialisation is reproducible.
+* ``"tap"``: any :class:`TAPConfig` field (``train_epochs``, ``pgd_steps``, ``grayscale_views``, ...). Needs
+  ``model_factory`` as UE does: targeted adversarial poisoning (Fowl et al. 2021), baselines/tap.py.
 
 ``keys``: stable per-sample ids (dataset indices or shard keys) for the sample-wise random and LSP draws; default
 ``range(N)``. Pass the real keys when the same images must get the same noise across differently ordered runs.
@@ -35,6 +37,7 @@ from torch import Tensor, nn
 
 from segue_dist.baselines.lsp import LSP, default_patch_grid
 from segue_dist.baselines.random_noise import RandomNoise
+from segue_dist.baselines.tap import TAPConfig, generate_tap
 from segue_dist.baselines.ue import UEConfig, UEResult, generate_ue, run_ue
 from segue_dist.utils.seed import derive_seed
 
@@ -43,9 +46,11 @@ __all__ = [
     "LSP",
     "BaselineFn",
     "RandomNoise",
+    "TAPConfig",
     "UEConfig",
     "UEResult",
     "default_patch_grid",
+    "generate_tap",
     "generate_ue",
     "make_baseline_perturbations",
     "run_ue",
@@ -114,6 +119,24 @@ def _ue(
     return generate_ue(model, images, labels, eps=eps, num_classes=num_classes, seed=seed, **kw)
 
 
+def _tap(
+    images: Tensor,
+    labels: Tensor,
+    keys: list[Key],
+    *,
+    num_classes: int,
+    eps: float,
+    seed: int,
+    model_factory: Callable[[], nn.Module] | None,
+    **kw: Any,
+) -> Tensor:
+    if model_factory is None:
+        raise ValueError("baseline 'tap' needs model_factory: a callable returning a fresh surrogate nn.Module")
+    return generate_tap(
+        model_factory, images, labels, num_classes=num_classes, eps=eps, seed=seed, config=TAPConfig(**kw)
+    )
+
+
 class BaselineFn:
     """One method behind the common signature: inputs checked, keys resolved, ``delta`` made effective."""
 
@@ -144,6 +167,7 @@ BASELINES: dict[str, BaselineFn] = {
     "random": BaselineFn(_random),
     "lsp": BaselineFn(_lsp, ("num_classes",)),
     "ue": BaselineFn(_ue, ("num_classes", "model_factory")),
+    "tap": BaselineFn(_tap, ("num_classes", "model_factory")),
 }
 
 

@@ -252,13 +252,15 @@ def prepare_data(
                 data, load_image_set(clean_train, cfg.size, cfg.workers), attack.protected_fraction, cfg.seed
             )
             info.update(clean_train=clean_train, protected_samples=n_protected)
-        images = attacker_transform(data.images, attack, train=True)
+        images = attacker_transform(data.images, attack, train=True, labels=data.labels)
         feed: TrainFeed = MemoryFeed(images, data.labels, cfg.batch_size, cfg.seed, device)
         feed.skipped = len(data.skipped)
         label_map, num_classes = data.label_map, data.num_classes
     else:
         if attack.protected_fraction < 1.0:
             raise ValueError("partial protection pairs samples by key and needs memory mode (train.mode=memory)")
+        if attack.orthogonal_projection:
+            raise ValueError("orthogonal_projection fits a model to the whole training set: use train.mode=memory")
         feed = StreamFeed(shard_set, cfg, attack)
         label_map, num_classes = shard_set.labels, shard_set.num_classes
     check_label_maps(label_map, test_set.labels, train_dir)

@@ -6,7 +6,8 @@ are this implementation's additions (see segue_dist/train.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from segue_dist.distortion import DistortionConfig
 from segue_dist.models.generator import GeneratorConfig
@@ -58,6 +59,28 @@ class OptimConfig:
 
 
 @dataclass
+class CurriculumConfig:
+    """A second stage of training: from epoch ``from_epoch`` on, the ``distortion`` keys given here replace the run's.
+
+    E.g. ``curriculum.from_epoch=13 curriculum.distortion.grayscale_p=0.5``: G first finds the pattern a network
+    learns first, then learns to keep it through grayscale (docs/protection_research.md). 0 = one stage.
+    """
+
+    from_epoch: int = 0
+    distortion: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.from_epoch < 0 or (self.from_epoch == 1):
+            raise ValueError(f"curriculum.from_epoch must be 0 (off) or >= 2, got {self.from_epoch}")
+        known = {f.name for f in fields(DistortionConfig)}
+        unknown = sorted(set(self.distortion) - known)
+        if unknown:
+            raise ValueError(f"curriculum.distortion: unknown distortion key(s) {', '.join(unknown)}")
+        if self.distortion and not self.from_epoch:
+            raise ValueError("curriculum.distortion is set but curriculum.from_epoch is 0: say when the stage begins")
+
+
+@dataclass
 class TrainConfig:
     out: str = "runs/train"
     data: DataConfig = field(default_factory=DataConfig)
@@ -65,6 +88,7 @@ class TrainConfig:
     surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
     distortion: DistortionConfig = field(default_factory=DistortionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     epochs: int = 20
     # alternate: Algorithm 1 as printed (an f epoch, then f_every - 1 G epochs against the frozen f).
     # joint: every step updates f and G together on one loss through the distortion layer (see joint_step).
@@ -92,7 +116,20 @@ class TrainConfig:
             raise ValueError(f"f_every must be >= 2 (one f epoch then G epochs), got {self.f_every}")
         if self.f_reset_every < 0:
             raise ValueError(f"f_reset_every must be >= 0, got {self.f_reset_every}")
+        if self.curriculum.from_epoch > self.epochs:
+            raise ValueError(
+                f"curriculum.from_epoch {self.curriculum.from_epoch} is after the last epoch {self.epochs}"
+            )
+        replace(self.distortion, **self.curriculum.distortion)  # the second stage's distortion must be valid too
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+def distortion_at(cfg: TrainConfig, epoch: int) -> DistortionConfig:
+    """The distortion layer's settings for ``epoch`` (from 1): the run's, with the curriculum's keys from its stage on."""
+    stage = cfg.curriculum
+    if stage.from_epoch and epoch >= stage.from_epoch:
+        return replace(cfg.distortion, **stage.distortion)
+    return cfg.distortion
