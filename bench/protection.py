@@ -369,7 +369,7 @@ def markdown_table(out: Path) -> str:
         "| variant | " + " | ".join(header) + " |",
         "|---" * (len(header) + 1) + "|",
     ]
-    order = ["clean", "lsp", summary["default"]]
+    order = [n for n in ("clean", "lsp", summary["default"]) if n in summary["rows"]]
     names = order + sorted(n for n in summary["rows"] if n not in order)
     for name in names:
         row = summary["rows"].get(name, {})
@@ -377,11 +377,10 @@ def markdown_table(out: Path) -> str:
         spread = summary.get("spread", {}).get(name, {})
         cells = [cell(row.get(c), spread.get(c)) for c in columns]
         quality = summary.get("quality", {}).get(name, {})
-        psnr_db = quality.get("psnr_db", math.nan)
+        psnr_db = quality.get("psnr_db")
         extra = [
-            f"{psnr_db:.1f}" + (" (< 30 dB)" if psnr_db < 30 else ""),
-            f"{quality.get('grey_energy_share', math.nan):.2f}",
-            f"{quality.get('class_mean_cosine', math.nan):.2f}",
+            "–" if psnr_db is None else f"{psnr_db:.1f}" + (" (< 30 dB)" if psnr_db < 30 else ""),
+            *(f"{quality[k]:.2f}" if k in quality else "–" for k in ("grey_energy_share", "class_mean_cosine")),
             str(summary.get("seeds", {}).get(name, 1)),
         ]
         lines.append(f"| {label} | " + " | ".join(cells + extra) + " |")
