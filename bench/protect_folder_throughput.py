@@ -48,7 +48,7 @@ from protect_throughput import machine_info, make_generator, write_results  # no
 from segue_dist import protect  # noqa: E402
 from segue_dist.checkpoint import load_generator  # noqa: E402
 from segue_dist.data.synthetic import generate_corpus  # noqa: E402
-from segue_dist.protect.compute import cpu_has_bf16  # noqa: E402
+from segue_dist.protect.perturber import cpu_has_bf16  # noqa: E402
 from segue_dist.protect.photo import encode_photo, open_photo  # noqa: E402
 from segue_dist.utils.device import cpus_per_process  # noqa: E402
 from segue_dist.utils.io import atomic_write_bytes  # noqa: E402

@@ -209,7 +209,7 @@ def test_rerun_of_finished_set_changes_nothing(corpus: dict[str, Path], tmp_path
     shutil.copytree(corpus["reference"], out)
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     summary, manifest = protect.protect(
-        protect.ProtectOptions(str(corpus["generator"]), str(corpus["train"]), str(out), progress=False)
+        protect.ProtectOptions(str(corpus["generator"]), str(corpus["train"]), str(out), batch_size=4, progress=False)
     )
     assert summary.shards_skipped == 4 and not summary.stats
     assert manifest is not None and manifest["balanced"]
@@ -450,7 +450,7 @@ def test_two_ranks_give_every_key_once_and_identical_bytes(corpus: dict[str, Pat
     out = tmp_path / "two_ranks"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "segue_dist.protect", "--generator", str(corpus["generator"]), "--in", str(corpus["train"])]
-    cmd += ["--out", str(out), "--no-progress", "--workers", "1", "--batch-size", "7"]
+    cmd += ["--out", str(out), "--no-progress", "--workers", "1"]  # the reference ran with 2 loader workers
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = {
@@ -467,7 +467,9 @@ def test_two_ranks_give_every_key_once_and_identical_bytes(corpus: dict[str, Pat
 def test_kill_9_then_rerun_is_byte_identical(corpus: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "segue_dist.protect", "--generator", str(corpus["generator"])]
-    cmd += ["--in", str(corpus["train"]), "--out", str(out), "--no-progress", "--workers", "1", "--batch-size", "4"]
+    # Batches of 4 (5 per shard, each followed by the test delay) give the kill a window inside a shard.
+    cmd += ["--in", str(corpus["train"]), "--out", str(out), "--no-progress", "--workers", "1", "--threads", "1"]
+    cmd += ["--batch-size", "4"]
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -490,13 +492,16 @@ def test_kill_9_then_rerun_is_byte_identical(corpus: dict[str, Path], tmp_path: 
     assert list(out.glob(".*.tmp")), "a shard was in progress: its temporary file is left behind"
 
     summary, manifest = protect.protect(
-        protect.ProtectOptions(str(corpus["generator"]), str(corpus["train"]), str(out), progress=False)
+        protect.ProtectOptions(str(corpus["generator"]), str(corpus["train"]), str(out), batch_size=4, progress=False)
     )
     assert summary.shards_skipped == len(finished)
     assert manifest is not None and manifest["balanced"]
     assert not list(out.glob(".*.tmp"))
-    # Batch size 4 here, 256 for the reference: on CPU each image goes through G alone, so the bytes still agree.
-    assert tar_bytes(out) == tar_bytes(corpus["reference"])
+    # One G thread and one loader worker before the kill, the defaults after it and for an uninterrupted run with
+    # the same batch size: a batch is fixed by its shard alone and runs on one intra-op thread, so the bytes agree.
+    uninterrupted = tmp_path / "uninterrupted"
+    assert run_protect(corpus["generator"], corpus["train"], uninterrupted, "--batch-size", "4", "--workers", "2") == 0
+    assert tar_bytes(out) == tar_bytes(uninterrupted)
 
 
 # -------------------------------------------------------------------------------------------------------- real data
