@@ -147,6 +147,15 @@ def test_quantise_clamps_in_integers() -> None:
     assert (out.int() - original.int()).abs().max() <= 8
 
 
+def test_quantise_rounds_delta_alone_so_ties_do_not_depend_on_the_pixel() -> None:
+    """One rule in both modes: δ is rounded to whole levels on its own (half to even), then added. An exact
+    half-level δ moves an odd and an even pixel by the same step (rounding x + 255·δ would not)."""
+    original = torch.tensor([100, 101, 100, 101], dtype=torch.uint8)
+    delta = torch.tensor([0.5, 0.5, 1.5, 1.5]) / 255
+    assert protect.quantise_protected(original, delta, 8).tolist() == [100, 101, 102, 103]
+    assert protect.delta_levels(delta, 8).tolist() == [0, 0, 2, 2]
+
+
 def test_eps_levels_never_exceed_eps() -> None:
     assert protect.eps_levels(8 / 255) == 8
     assert protect.eps_levels(16 / 255) == 16
@@ -169,6 +178,26 @@ def test_size_buckets_are_deterministic_and_bounded() -> None:
     assert all(len({r.image.shape for r in batch}) == 1 for batch in emitted)  # one size per batch
     # A full bucket goes at once; past batch_size waiting in all buckets, the oldest bucket goes early.
     assert [[r.key for r in b] for b in emitted] == [["0", "1", "3"], ["2", "4"], ["5"], ["6"], ["7"], ["8"]]
+
+
+def test_ordered_writes_collect_in_submission_order_within_the_bound() -> None:
+    """Results come back in submission order even when later futures finish first, and at most ``limit`` stay
+    outstanding after a settle."""
+    from concurrent.futures import Future
+
+    seen: list[tuple[str, int]] = []
+    writes = protect.OrderedWrites(lambda kind, value: seen.append((kind, value)))
+    futures: list[Future] = [Future() for _ in range(4)]
+    for i, future in enumerate(futures):
+        writes.add("batch" if i < 3 else "end", future)
+    futures[2].set_result(2)
+    writes.settle(4)
+    assert seen == [] and len(writes) == 4  # the oldest is not done: nothing is collected out of order
+    futures[0].set_result(0)
+    futures[1].set_result(1)
+    futures[3].set_result(3)
+    writes.settle(4)
+    assert seen == [("batch", 0), ("batch", 1), ("batch", 2), ("end", 3)] and len(writes) == 0
 
 
 # --------------------------------------------------------------------------------------------------- single process
