@@ -88,8 +88,8 @@ class ProtectOptions:
 def resolve_workers(opts: ProtectOptions, on_cuda: bool) -> tuple[int, int, int]:
     """(loader workers, encode workers, CPU G threads). Explicit values win; 0 means pick from the cores.
 
-    On CPU, G costs 10-50x more than decode + encode (bench/protect_throughput.py), so every core runs G and the
-    codec workers, mostly idle, share them. On a GPU host the cores are all for codecs: about a third decode (JPEG
+    On CPU, G costs far more than decode + encode (``docs/protect_benchmarks.md``), so every core runs a G thread
+    (one batch at a time, one intra-op thread each) and the codec workers, mostly idle, share them. On a GPU host the cores are all for codecs: about a third decode (JPEG
     decode is cheaper than encode + the verifying decode), the rest encode.
     """
     cores = cpus_per_process()
