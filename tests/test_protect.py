@@ -178,6 +178,9 @@ def test_size_buckets_are_deterministic_and_bounded() -> None:
     assert all(len({r.image.shape for r in batch}) == 1 for batch in emitted)  # one size per batch
     # A full bucket goes at once; past batch_size waiting in all buckets, the oldest bucket goes early.
     assert [[r.key for r in b] for b in emitted] == [["0", "1", "3"], ["2", "4"], ["5"], ["6"], ["7"], ["8"]]
+    # A pixel budget (shard mode on the CPU) caps big images' batches by their size alone.
+    capped = protect.SizeBuckets(batch_size=16, batch_pixels=8 * 112 * 112)
+    assert [capped.capacity((s, s)) for s in (32, 112, 224, 1024)] == [16, 8, 2, 1]
 
 
 def test_ordered_writes_collect_in_submission_order_within_the_bound() -> None:

@@ -111,6 +111,11 @@ def resolve_encode_backend(choice: str, fmt: str, encoders: int) -> str:
     return "process" if fmt == "jpeg" and encoders >= 4 else "thread"
 
 
+# Shard mode on the CPU: at most this many pixels per forward batch (8 images of 112 x 112; 2 of 224 x 224), so that
+# G's activations stay in the caches (docs/protect_benchmarks.md); --batch-size stays the cap in images.
+CPU_BATCH_PIXELS = 8 * 112 * 112
+
+
 def resolve_batch_size(opts: ProtectOptions, on_cuda: bool) -> int:
     """Images per forward batch (shard mode: per shard and size; folder mode: photos per chunk). Big batches feed a
     GPU; on CPU a batch runs on one intra-op thread, batches in parallel, and small ones start encoding sooner
@@ -124,7 +129,7 @@ SETTINGS_NAME = "_protect.json"
 # Keys whose change would make one output set mix two different protections: a resume refuses them.
 SETTINGS_MUST_MATCH = ("generator_sha256", "eps", "format", "png_level", "jpeg_quality", "labels", "metadata")
 # Keys whose change keeps the protection valid but may flip the odd uint8 rounding: a resume warns.
-SETTINGS_SHOULD_MATCH = ("compute", "batch_size")
+SETTINGS_SHOULD_MATCH = ("compute", "batch_size", "batch_pixels")
 
 
 def check_or_record_settings(out_dir: Path, settings: dict[str, Any]) -> list[str]:

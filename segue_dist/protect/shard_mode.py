@@ -38,6 +38,7 @@ from segue_dist.protect.codecs import (
 from segue_dist.protect.gpu_codec import GpuCodec
 from segue_dist.protect.job import OrderedWrites, ProtectJob, timed_iter
 from segue_dist.protect.options import (
+    CPU_BATCH_PIXELS,
     ProtectOptions,
     plan_labels,
     resolve_encode_backend,
@@ -101,6 +102,7 @@ class Protector(ProtectJob):
         self.labels = plan_labels(opts, self.shard_set, self.gen_meta, self.gen_cfg)
         self.spec = EncodeSpec(opts.format, opts.png_level, opts.jpeg_quality, self.levels)
         self.workers, self.encoders, self.threads = resolve_workers(opts, self.on_cuda)
+        self.batch_pixels = 0 if self.on_cuda else CPU_BATCH_PIXELS
         self.inflight = opts.inflight or 2 * self.encoders + 2 + (0 if self.on_cuda else self.threads)
         self.encode_backend = resolve_encode_backend(opts.encode_backend, opts.format, self.encoders)
         self.protected_info = {"generator_sha256": self.generator_sha, "eps": self.eps, **self.spec.describe()}
@@ -123,10 +125,11 @@ class Protector(ProtectJob):
             "format": opts.format,
             **spec,
             "labels": labels,
-            # G's batches are each shard's size buckets, and a batch's composition (like the compute) can flip the
+            # G's batches are each shard's size buckets (batch_size images, batch_pixels pixels at most), and a batch's composition (like the compute) can flip the
             # odd uint8 rounding: a resume with another value warns (options.SETTINGS_SHOULD_MATCH).
             "compute": self.perturber.compute_label(),
             "batch_size": self.batch_size,
+            "batch_pixels": self.batch_pixels,
             "generator_num_classes": int(self.gen_meta.get("num_classes", 0)),
         }
 
@@ -227,7 +230,9 @@ class Protector(ProtectJob):
                         if bad is not None:
                             writes.add("bad", tar_thread.submit(writer.quarantine, item.key, bad))
                             continue
-                        for batch in buckets.setdefault(item.shard, SizeBuckets(self.batch_size)).add(item):
+                        for batch in buckets.setdefault(
+                            item.shard, SizeBuckets(self.batch_size, self.batch_pixels)
+                        ).add(item):
                             submit(writer, batch)
                     writes.settle(self.inflight)
                 writes.settle(0)
