@@ -600,6 +600,11 @@ def main() -> int:
     parser.add_argument(
         "--compare-with", metavar="DIR", help="CPU: also run the whole job from this source tree (an older commit)"
     )
+    parser.add_argument(
+        "--compare-only",
+        action="store_true",
+        help="CPU: only the --compare-with rows, merged into the existing results JSON (with their own load)",
+    )
     parser.add_argument("--out", help="results JSON (default bench/results/[gpu/]protect_throughput_{cpu,gpu}.json)")
     args = parser.parse_args()
     mode = "gpu" if args.gpu else "cpu"
@@ -608,6 +613,16 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory(prefix="protect_bench_") as tmp:
         work = Path(args.work or tmp)
+        if args.compare_only:
+            if not args.compare_with:
+                raise SystemExit("--compare-only needs --compare-with")
+            results = read_json(out_path)
+            compared = compare_checkouts(work, make_generator(work / "g_full"), Path(args.compare_with), args.quick)
+            compared["load_average"] = [round(v, 2) for v in os.getloadavg()]
+            compared["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            results["batched_vs_other_checkout"] = compared
+            atomic_write_json(out_path, results)
+            return 0
         if args.gpu:
             results = run_gpu(work, args.gpu_images, out_path, args.gpu_budget_s)
         else:
