@@ -1,12 +1,12 @@
 """A corpus-scale rehearsal of the shard job on one machine: N distinct faces, `segue shards build`, a 2-rank
 `segue protect` with one rank killed by SIGKILL midway and the job rerun, everything checked from what is read back.
 
-Usage (repo root; the full run takes about an hour on 2 busy cores)::
+Usage (repo root; the full run takes hours on 2 cores: measured times in ``docs/protect_benchmarks.md``)::
 
     .venv/bin/python bench/corpus_rehearsal.py                      # 1,000,000 faces -> bench/results/corpus_rehearsal.json
     .venv/bin/python bench/corpus_rehearsal.py --faces 10000        # a development run
 
-Stages (each timed; images/s = faces / seconds):
+Stages (each timed; ``images_per_s`` is N / the stage's seconds for every stage, the rerun's included):
 
 1. ``generate``: real faces (``$SEGUE_FACES``: glint24 + lfw423, resized to 36 px) cycled into N samples, each
    re-keyed and jittered (a 32 px crop at one of 25 offsets, a flip, a brightness shift of -3..+3 levels, and the
