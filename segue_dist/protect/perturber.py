@@ -65,9 +65,10 @@ class Perturber:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Protected uint8 images (N, H, W, 3), contiguous, on the compute device: ``quantise_protected`` of δ."""
+        images = images.to(self.device, non_blocking=True)  # once: deltas() then finds it on the device
         with torch.inference_mode():
             delta = self.deltas(images, labels)
-            return quantise_protected(images.to(self.device, non_blocking=True), delta, self.levels).contiguous()
+            return quantise_protected(images, delta, self.levels).contiguous()
 
 
 def make_thread_pool(threads: int, name: str) -> ThreadPoolExecutor:
