@@ -77,5 +77,11 @@ step "folder-mode protect throughput at 224 / 1024 px (G on the GPU, codecs on t
 timeout 120 $PY bench/protect_folder_throughput.py --quick --device cuda --out "$OUT/protect_folder_throughput_gpu.json" \
   > "$W/folder_throughput.log" 2>&1
 echo "exit $? after folder throughput" | tee -a "$LOG"
+step "shard-mode protect at 224 / 112 px: JPEG + PNG, CPU codecs and --gpu-codec, G alone, CPU and nvJPEG floors"
+# One JSON (written after every step, so a step cut short keeps what came before), with each job's phase timings.
+timeout 300 $PY bench/protect_throughput.py --gpu --gpu-images 20000 --gpu-budget-s 240 \
+  --out "$OUT/protect_throughput_gpu.json" > "$W/shard_throughput.log" 2>&1
+echo "exit $? after shard throughput" | tee -a "$LOG"
+grep -E "^[│|]" "$W/shard_throughput.log" | tail -30 | tee -a "$LOG"
 cp "$W"/*.log "$OUT/" 2>/dev/null
 step "done"

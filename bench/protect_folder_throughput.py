@@ -48,7 +48,6 @@ from protect_throughput import machine_info, make_generator, write_results  # no
 from segue_dist import protect  # noqa: E402
 from segue_dist.checkpoint import load_generator  # noqa: E402
 from segue_dist.data.synthetic import generate_corpus  # noqa: E402
-from segue_dist.protect.compute import cpu_has_bf16  # noqa: E402
 from segue_dist.protect.photo import encode_photo, open_photo  # noqa: E402
 from segue_dist.utils.device import cpus_per_process  # noqa: E402
 from segue_dist.utils.io import atomic_write_bytes  # noqa: E402
@@ -96,7 +95,7 @@ def photo_files(folder: Path) -> list[Path]:
 
 
 def _codec_round_trip(paths: list[Path], out: Path, verify: bool) -> int:
-    spec = protect.EncodeSpec("as-input", 1, JPEG_QUALITY, 8)
+    spec = protect.PhotoFormat(1, JPEG_QUALITY, 8)
     for path in paths:
         img, fmt = open_photo(path.read_bytes(), 4096 * 4096)
         data = encode_photo(img, fmt, spec)
@@ -147,8 +146,7 @@ def g_only_rate(generator: Path, face_size: int, batch: int, count: int, device:
     """images/s of G alone on (batch, face, face, 3) uint8 faces: batched on one thread per core on CPU, bf16
     batches on CUDA (synchronised at the end)."""
     model, _ = load_generator(generator, device)
-    bf16 = device == "cpu" and cpu_has_bf16()  # as folder mode runs G (--precision auto)
-    perturber = protect.Perturber(model, torch.device(device), 8, threads=1, batched=True, cpu_bf16=bf16)
+    perturber = protect.Perturber(model, torch.device(device), 8)  # as both modes run G (--precision auto)
     workers = 1 if device.startswith("cuda") else cpus_per_process()
     faces = torch.randint(0, 256, (batch, face_size, face_size, 3), dtype=torch.uint8)
     labels = torch.arange(batch) % 8

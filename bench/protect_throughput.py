@@ -12,7 +12,8 @@ output format (PNG level 1, PNG level 0, JPEG q95) it measures, on the same imag
 * ``protect``: the whole job (tar read, decode in loader workers, G, encode + verify, tar write) with the default
   generator (``configs/train/default.yaml``: width 16, 2 residual blocks), and ``protect_tiny_g`` with a width-8, 1-block G, which shows the
   pipeline's own overhead once G is cheap (as on a GPU);
-* ``g_only``: G alone on the CPU (per image, as protect runs it), the ceiling that G sets;
+* ``g_only``: G alone on the CPU (batches of 16 on every core, one intra-op thread each, bf16 where native: as
+  protect runs it), the ceiling that G sets; also in fp32 and per image in fp32 (the path shard mode had before);
 * the encode pool backend (threads vs processes) inside the pipeline;
 * peak RSS (process tree) protecting 1k and 20k 64 px images: flat memory means streaming works.
 
@@ -20,8 +21,9 @@ GPU mode (for a lent GPU; the lead runs it)::
 
     python bench/protect_throughput.py --gpu                 # -> bench/results/gpu/protect_throughput_gpu.json
 
-images/s per GPU at 224 px with JPEG output (goal >= 10,000 img/s on a 16-core host): G alone (bf16,
-channels_last), the job with CPU codecs and with ``--gpu-codec`` (nvJPEG decode and encode), and the codec floors.
+images/s per GPU at 224 and 112 px with JPEG and PNG output (goal >= 10,000 img/s at 224 px JPEG on a 16-core
+host): G alone (bf16 and fp32, channels_last), the job with CPU codecs and with ``--gpu-codec`` (nvJPEG decode and
+encode) and its phase timings, and the codec floors.
 """
 
 from __future__ import annotations
@@ -187,28 +189,84 @@ def protect_rate(generator: Path, split: Path, out: Path, **options: Any) -> dic
     }
 
 
-def g_only_rate(generator_dir: Path, size: int, device: str, batch: int, count: int) -> float:
+def g_only_rate(
+    generator_dir: Path,
+    size: int,
+    device: str,
+    batch: int,
+    count: int,
+    precision: str = "auto",
+    per_image: bool = False,
+) -> float:
+    """images/s of G alone (quantised, no codecs), run as protect runs it: on CUDA batches from the main thread; on
+    the CPU batches of ``batch`` on ``cores`` threads of one intra-op thread each (``per_image``: one image per
+    forward in fp32, the path shard mode took before it was batched)."""
     from segue_dist.checkpoint import load_generator
 
     generator, _ = load_generator(generator_dir, device)
+    perturber = protect.Perturber(generator, torch.device(device), 8, "fp32" if per_image else precision)
     x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)  # NHWC, as protect feeds it
     y = torch.randint(0, 8, (batch,), device=device)
-    perturber = protect.Perturber(generator, torch.device(device), 8, cpus_per_process())
     if device == "cuda":
-        generator.to(memory_format=torch.channels_last)
-    try:
         perturber(x, y)  # warm-up (cuDNN algorithm choice, allocator)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
         start, done = time.perf_counter(), 0
         while done < count:
             perturber(x, y)
             done += batch
-        if device == "cuda":
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        return done / (time.perf_counter() - start)
+
+    def one_batch(_: int) -> int:
+        if per_image:
+            for i in range(batch):
+                perturber(x[i : i + 1], y[i : i + 1])
+        else:
+            perturber(x, y)
+        return batch
+
+    cores = cpus_per_process()
+    pool = protect.make_thread_pool(cores, "g-only")
+    try:
+        list(pool.map(one_batch, range(cores)))  # warm-up (oneDNN primitive cache)
+        start = time.perf_counter()
+        done = sum(pool.map(one_batch, range(max(cores, count // batch))))
         return done / (time.perf_counter() - start)
     finally:
-        perturber.close()
+        pool.shutdown()
+
+
+def checkout_rate(checkout: Path, generator: Path, split: Path, out: Path, **options: Any) -> dict[str, Any]:
+    """The whole job as a user runs it (``python -m segue_dist.protect`` in a fresh process, wall time including
+    start-up) from the source tree ``checkout``: the same measurement for this tree and an older one."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "segue_dist.protect", "--generator", str(generator), "--in", str(split)]
+    cmd += ["--out", str(out), "--no-progress", "--device", "cpu"]
+    for key, value in options.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-1500:]}
+    images = sum(read_json(p)["written"] for p in out.glob("*._stats.json"))
+    return {"img_s": round(images / seconds, 1), "images": images, "seconds": round(seconds, 2)}
+
+
+def compare_checkouts(work: Path, generator: Path, other: Path, quick: bool) -> dict[str, Any]:
+    """This tree against ``other`` (e.g. ``git archive 430435f``: shard mode's per-image fp32 G) back to back on
+    the same splits and load: 112 and 224 px, PNG level 1, the default G."""
+    rows, out = [], {"other_checkout": str(other)}
+    for size, count in ((112, 320 if quick else 960), (224, 96 if quick else 320)):
+        split = make_split(work / f"in{size}_cmp{count}", size, count)
+        new = checkout_rate(REPO, generator, split, work / f"out_cmp_new_{size}", format="png")
+        old = checkout_rate(other, generator, split, work / f"out_cmp_old_{size}", format="png")
+        speedup = round(new["img_s"] / old["img_s"], 2) if "img_s" in new and "img_s" in old else None
+        out[f"{size}px_png1"] = {"this_tree": new, "other_tree": old, "speedup": speedup}
+        rows.append([f"{size} px png1", str(new.get("img_s")), str(old.get("img_s")), str(speedup)])
+    print_table("whole job, fresh process (img/s): this tree vs the other", ["setting", "this", "other", "x"], rows)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------- RSS
@@ -282,18 +340,20 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------------------- CPU
 
 
-def run_cpu(work: Path, quick: bool) -> dict[str, Any]:
+def run_cpu(work: Path, quick: bool, compare_with: Path | None = None) -> dict[str, Any]:
     cores = cpus_per_process()
     full_g = make_generator(work / "g_full")
     tiny_g = make_generator(work / "g_tiny", 8, 1)
-    counts = {112: 160, 224: 64} if quick else {112: 320, 224: 128}
+    counts = {112: 160, 224: 64} if quick else {112: 960, 224: 320}
     tiny_counts = {112: 800, 224: 320} if quick else {112: 1600, 224: 640}
     rows, settings = [], []
     pools = make_pools(cores)
     for size in (112, 224):
         split = make_split(work / f"in{size}", size, tiny_counts[size])
         blobs = read_images(split, tiny_counts[size])
-        g_only = g_only_rate(full_g.parent, size, "cpu", 4, max(8, counts[size] // 8))
+        g_only = g_only_rate(full_g.parent, size, "cpu", 16, 4 * counts[size])
+        g_only_fp32 = g_only_rate(full_g.parent, size, "cpu", 16, 4 * counts[size], precision="fp32")
+        g_only_per_image = g_only_rate(full_g.parent, size, "cpu", 16, 2 * counts[size], per_image=True)
         for label, fmt in FORMATS:
             spec = protect.EncodeSpec(
                 fmt["format"], fmt.get("png_level", 1), fmt.get("jpeg_quality", 95), protect.eps_levels(8 / 255)
@@ -313,6 +373,9 @@ def run_cpu(work: Path, quick: bool) -> dict[str, Any]:
                 "floor_process_img_s": round(floor["process"], 1),
                 "floor_verify_img_s": round(max(floor_verify.values()), 1),
                 "g_only_img_s": round(g_only, 1),
+                "g_only_fp32_img_s": round(g_only_fp32, 1),
+                "g_only_per_image_fp32_img_s": round(g_only_per_image, 1),
+                "protect_vs_min_floor_g": round(full["img_s"] / min(best_floor, g_only), 3),
                 "protect": {**full, "img_s": round(full["img_s"], 1)},
                 "protect_tiny_g": {**tiny, "img_s": round(tiny["img_s"], 1)},
                 "protect_vs_floor": round(full["img_s"] / best_floor, 3),
@@ -357,8 +420,11 @@ def run_cpu(work: Path, quick: bool) -> dict[str, Any]:
             for k, v in rss.items()
         ],
     )
+    compared = compare_checkouts(work, full_g, compare_with, quick) if compare_with else None
     return {
         "mode": "cpu",
+        "compute": f"cpu-{'bf16' if protect.cpu_has_bf16() else 'fp32'}-batch",
+        "batched_vs_other_checkout": compared,
         "generator_full": {"config": "configs/train/default.yaml", **generator_shape(full_g)},
         "generator_tiny": {"width": 8, "num_res_blocks": 1},
         "input": "synthetic faces, JPEG q95",
@@ -368,7 +434,9 @@ def run_cpu(work: Path, quick: bool) -> dict[str, Any]:
         "notes": [
             "floor = decode + encode alone over every core; floor_verify adds protect's decode of the written file",
             "protect uses the default G; protect_tiny_g a width-8, 1-block G to expose the pipeline's own overhead",
-            "on CPU, G (run per image in fp32 for bit-exact shards) bounds the job: compare protect with g_only",
+            "on CPU, G bounds the job: compare protect with g_only (G batched, bf16 where native, one intra-op "
+            "thread per batch on every core, as protect runs it); g_only_per_image_fp32 is the old per-image path",
+            "protect_vs_min_floor_g: protect / min(floor, g_only), the issue's 80% goal",
         ],
     }
 
@@ -392,82 +460,99 @@ def compare_backends(work: Path, tiny_g: Path, quick: bool) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------------- GPU
 
 
-def run_gpu(work: Path, count: int, out_path: Path, budget_s: float) -> dict[str, Any]:
-    """Each step saves the results so far, and steps past ``budget_s`` are skipped: a lent GPU's time is short."""
+def run_gpu(
+    work: Path, count: int, out_path: Path, budget_s: float, sizes: tuple[int, ...] = (224, 112)
+) -> dict[str, Any]:
+    """Per size: G alone (bf16 and fp32), the codec floors (CPU and nvJPEG) and the whole job with JPEG and PNG
+    output, CPU codecs and ``--gpu-codec``, each with its phase timings (where the time goes). Each step saves the
+    results so far, and steps past ``budget_s`` are skipped: a lent GPU's time is short."""
     if not torch.cuda.is_available():
         raise SystemExit("--gpu needs CUDA")
     deadline = time.monotonic() + budget_s
-    results: dict[str, Any] = {"mode": "gpu", "images": count, "size": 224, "generator": {"width": 32, "blocks": 4}}
+    results: dict[str, Any] = {"mode": "gpu", "images": count, "sizes": {}}
     results["machine"] = machine_info()
 
     def save() -> None:
         atomic_write_json(out_path, results)
 
     full_g = make_generator(work / "g_full")
-    split = make_split(work / "in224", 224, count, per_shard=1000)
-    results["g_only_bf16_img_s"] = round(g_only_rate(full_g.parent, 224, "cuda", 256, 40 * 256), 1)
-    save()
-    blobs = read_images(split, 4000)
+    results["generator"] = {"config": "configs/train/default.yaml", **generator_shape(full_g)}
     cores = cpus_per_process()
-    jpeg = protect.EncodeSpec("jpeg", 1, 95, 8)
-    pools = make_pools(cores)
-    results["cpu_floor_jpeg95_img_s"] = {k: round(v, 1) for k, v in floor_rate(blobs, jpeg, pools, False).items()}
-    for pool in pools.values():
-        pool.shutdown()
-    results["gpu_codec_floor_img_s"] = gpu_codec_floor(blobs)
-    save()
-    runs: dict[str, Any] = {}
-    results["protect"] = runs
-    variants: list[tuple[str, dict[str, Any]]] = [
-        ("jpeg95_gpu_codec", {"format": "jpeg", "gpu_codec": True}),
-        ("jpeg95_cpu_codecs", {"format": "jpeg"}),
-        ("jpeg95_cpu_codecs_process_pool", {"format": "jpeg", "encode_backend": "process"}),
-        ("png0_gpu_decode", {"format": "png", "png_level": 0, "gpu_codec": True}),
-        ("png1_cpu_codecs", {"format": "png", "png_level": 1}),
-    ]
-    for label, options in variants:
+    rows = []
+    for size in sizes:
         if time.monotonic() > deadline:
-            runs[label] = {"error": "skipped: out of time"}
+            results["sizes"][str(size)] = {"error": "skipped: out of time"}
             continue
-        try:
-            runs[label] = protect_rate(full_g, split, work / f"out_{label}", device="cuda", **options)
-        except Exception as exc:  # noqa: BLE001 - report and go on: one failing mode must not lose the others
-            runs[label] = {"error": f"{type(exc).__name__}: {exc}"}
-            save()
-            continue
-        try:
-            # A rerun over the finished output does everything but the shards: its time is the start-up cost.
-            start = time.perf_counter()
-            opts = protect.ProtectOptions(
-                str(full_g), str(split), str(work / f"out_{label}"), progress=False, device="cuda", **options
-            )
-            protect.protect(opts)
-            startup = time.perf_counter() - start
-            runs[label]["startup_s"] = round(startup, 2)
-            runs[label]["img_s_after_startup"] = round(count / max(runs[label]["seconds"] - startup, 1e-9), 1)
-        except Exception as exc:  # noqa: BLE001
-            runs[label]["startup_error"] = f"{type(exc).__name__}: {exc}"
+        row: dict[str, Any] = {}
+        results["sizes"][str(size)] = row
+        split = make_split(work / f"in{size}", size, count, per_shard=1000)
+        row["g_only_bf16_img_s"] = round(g_only_rate(full_g.parent, size, "cuda", 256, 40 * 256), 1)
+        row["g_only_fp32_img_s"] = round(g_only_rate(full_g.parent, size, "cuda", 256, 20 * 256, "fp32"), 1)
         save()
-    results["determinism"] = gpu_determinism(full_g, work, deadline)
-    save()
-    print_table(
-        f"segue protect on {torch.cuda.get_device_name(0)}, 224 px, images/s per GPU",
-        ["setting", "img/s", "after start-up", "max|δ|", "main thread (s)"],
-        [["G only (bf16)", f"{results['g_only_bf16_img_s']:,.0f}", "", "", ""]]
-        + [["CPU JPEG decode+encode floor", str(results["cpu_floor_jpeg95_img_s"]), "", "", ""]]
-        + [["nvJPEG decode+encode floor", str(results["gpu_codec_floor_img_s"])[:60], "", "", ""]]
-        + [
+        blobs = read_images(split, 4000)
+        jpeg = protect.EncodeSpec("jpeg", 1, 95, 8)
+        pools = make_pools(cores)
+        row["cpu_floor_jpeg95_img_s"] = {k: round(v, 1) for k, v in floor_rate(blobs, jpeg, pools, False).items()}
+        for pool in pools.values():
+            pool.shutdown()
+        row["gpu_codec_floor_img_s"] = gpu_codec_floor(blobs)
+        save()
+        runs: dict[str, Any] = {}
+        row["protect"] = runs
+        variants: list[tuple[str, dict[str, Any]]] = [
+            ("jpeg95_gpu_codec", {"format": "jpeg", "gpu_codec": True}),
+            ("jpeg95_cpu_codecs", {"format": "jpeg"}),
+            ("jpeg95_cpu_codecs_process_pool", {"format": "jpeg", "encode_backend": "process"}),
+            ("png0_gpu_decode", {"format": "png", "png_level": 0, "gpu_codec": True}),
+            ("png1_cpu_codecs", {"format": "png", "png_level": 1}),
+        ]
+        for label, options in variants:
+            if time.monotonic() > deadline:
+                runs[label] = {"error": "skipped: out of time"}
+                continue
+            runs[label] = gpu_protect_run(full_g, split, work / f"out_{size}_{label}", count, options)
+            save()
+        rows += [[f"{size} px G only (bf16)", f"{row['g_only_bf16_img_s']:,.0f}", "", "", ""]]
+        rows += [[f"{size} px CPU JPEG floor", str(row["cpu_floor_jpeg95_img_s"]), "", "", ""]]
+        rows += [[f"{size} px nvJPEG floor", str(row["gpu_codec_floor_img_s"])[:60], "", "", ""]]
+        rows += [
             [
-                k,
+                f"{size} px {k}",
                 f"{v['img_s']:,.0f}" if "img_s" in v else v["error"][:60],
                 str(v.get("img_s_after_startup", "")),
                 str(v.get("measured_max_abs", "")),
                 json.dumps(v.get("timings", {})),
             ]
             for k, v in runs.items()
-        ],
+        ]
+    results["determinism"] = gpu_determinism(full_g, work, deadline)
+    save()
+    print_table(
+        f"segue protect on {torch.cuda.get_device_name(0)}, images/s per GPU",
+        ["setting", "img/s", "after start-up", "max|δ|", "seconds per phase"],
+        rows,
     )
     return results
+
+
+def gpu_protect_run(generator: Path, split: Path, out: Path, count: int, options: dict[str, Any]) -> dict[str, Any]:
+    """One whole job on the GPU, then a rerun over its finished output (everything but the shards: the start-up
+    cost); errors are reported, never raised, so one failing mode does not lose the others."""
+    try:
+        run = protect_rate(generator, split, out, device="cuda", **options)
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        start = time.perf_counter()
+        protect.protect(
+            protect.ProtectOptions(str(generator), str(split), str(out), progress=False, device="cuda", **options)
+        )
+        startup = time.perf_counter() - start
+        run["startup_s"] = round(startup, 2)
+        run["img_s_after_startup"] = round(count / max(run["seconds"] - startup, 1e-9), 1)
+    except Exception as exc:  # noqa: BLE001
+        run["startup_error"] = f"{type(exc).__name__}: {exc}"
+    return run
 
 
 def gpu_determinism(generator: Path, work: Path, deadline: float) -> dict[str, Any]:
@@ -507,11 +592,19 @@ def gpu_codec_floor(blobs: list[bytes], batch: int = 256) -> float | str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpu", action="store_true", help="GPU mode: images/s per GPU at 224 px")
+    parser.add_argument("--gpu", action="store_true", help="GPU mode: images/s per GPU at 224 and 112 px")
     parser.add_argument("--gpu-images", type=int, default=20000)
     parser.add_argument("--gpu-budget-s", type=float, default=400, help="GPU mode: skip steps after this long")
     parser.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
     parser.add_argument("--work", help="scratch folder (default: a temporary one)")
+    parser.add_argument(
+        "--compare-with", metavar="DIR", help="CPU: also run the whole job from this source tree (an older commit)"
+    )
+    parser.add_argument(
+        "--compare-only",
+        action="store_true",
+        help="CPU: only the --compare-with rows, merged into the existing results JSON (with their own load)",
+    )
     parser.add_argument("--out", help="results JSON (default bench/results/[gpu/]protect_throughput_{cpu,gpu}.json)")
     args = parser.parse_args()
     mode = "gpu" if args.gpu else "cpu"
@@ -520,11 +613,21 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory(prefix="protect_bench_") as tmp:
         work = Path(args.work or tmp)
+        if args.compare_only:
+            if not args.compare_with:
+                raise SystemExit("--compare-only needs --compare-with")
+            results = read_json(out_path)
+            compared = compare_checkouts(work, make_generator(work / "g_full"), Path(args.compare_with), args.quick)
+            compared["load_average"] = [round(v, 2) for v in os.getloadavg()]
+            compared["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            results["batched_vs_other_checkout"] = compared
+            atomic_write_json(out_path, results)
+            return 0
         if args.gpu:
             results = run_gpu(work, args.gpu_images, out_path, args.gpu_budget_s)
         else:
             info = machine_info()
-            results = run_cpu(work, args.quick)
+            results = run_cpu(work, args.quick, Path(args.compare_with) if args.compare_with else None)
             results["machine"] = info
         write_results(out_path, results)
     return 0

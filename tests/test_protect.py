@@ -147,6 +147,15 @@ def test_quantise_clamps_in_integers() -> None:
     assert (out.int() - original.int()).abs().max() <= 8
 
 
+def test_quantise_rounds_delta_alone_so_ties_do_not_depend_on_the_pixel() -> None:
+    """One rule in both modes: δ is rounded to whole levels on its own (half to even), then added. An exact
+    half-level δ moves an odd and an even pixel by the same step (rounding x + 255·δ would not)."""
+    original = torch.tensor([100, 101, 100, 101], dtype=torch.uint8)
+    delta = torch.tensor([0.5, 0.5, 1.5, 1.5]) / 255
+    assert protect.quantise_protected(original, delta, 8).tolist() == [100, 101, 102, 103]
+    assert protect.delta_levels(delta, 8).tolist() == [0, 0, 2, 2]
+
+
 def test_eps_levels_never_exceed_eps() -> None:
     assert protect.eps_levels(8 / 255) == 8
     assert protect.eps_levels(16 / 255) == 16
@@ -169,6 +178,29 @@ def test_size_buckets_are_deterministic_and_bounded() -> None:
     assert all(len({r.image.shape for r in batch}) == 1 for batch in emitted)  # one size per batch
     # A full bucket goes at once; past batch_size waiting in all buckets, the oldest bucket goes early.
     assert [[r.key for r in b] for b in emitted] == [["0", "1", "3"], ["2", "4"], ["5"], ["6"], ["7"], ["8"]]
+    # A pixel budget (shard mode on the CPU) caps big images' batches by their size alone.
+    capped = protect.SizeBuckets(batch_size=16, batch_pixels=8 * 112 * 112)
+    assert [capped.capacity((s, s)) for s in (32, 112, 224, 1024)] == [16, 8, 2, 1]
+
+
+def test_ordered_writes_collect_in_submission_order_within_the_bound() -> None:
+    """Results come back in submission order even when later futures finish first, and at most ``limit`` stay
+    outstanding after a settle."""
+    from concurrent.futures import Future
+
+    seen: list[tuple[str, int]] = []
+    writes = protect.OrderedWrites(lambda kind, value: seen.append((kind, value)))
+    futures: list[Future] = [Future() for _ in range(4)]
+    for i, future in enumerate(futures):
+        writes.add("batch" if i < 3 else "end", future)
+    futures[2].set_result(2)
+    writes.settle(4)
+    assert seen == [] and len(writes) == 4  # the oldest is not done: nothing is collected out of order
+    futures[0].set_result(0)
+    futures[1].set_result(1)
+    futures[3].set_result(3)
+    writes.settle(4)
+    assert seen == [("batch", 0), ("batch", 1), ("batch", 2), ("end", 3)] and len(writes) == 0
 
 
 # --------------------------------------------------------------------------------------------------- single process
@@ -209,7 +241,7 @@ def test_rerun_of_finished_set_changes_nothing(corpus: dict[str, Path], tmp_path
     shutil.copytree(corpus["reference"], out)
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     summary, manifest = protect.protect(
-        protect.ProtectOptions(str(corpus["generator"]), str(corpus["train"]), str(out), progress=False)
+        protect.ProtectOptions(str(corpus["generator"]), str(corpus["train"]), str(out), batch_size=4, progress=False)
     )
     assert summary.shards_skipped == 4 and not summary.stats
     assert manifest is not None and manifest["balanced"]
@@ -450,7 +482,7 @@ def test_two_ranks_give_every_key_once_and_identical_bytes(corpus: dict[str, Pat
     out = tmp_path / "two_ranks"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "segue_dist.protect", "--generator", str(corpus["generator"]), "--in", str(corpus["train"])]
-    cmd += ["--out", str(out), "--no-progress", "--workers", "1", "--batch-size", "7"]
+    cmd += ["--out", str(out), "--no-progress", "--workers", "1"]  # the reference ran with 2 loader workers
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = {
@@ -467,7 +499,9 @@ def test_two_ranks_give_every_key_once_and_identical_bytes(corpus: dict[str, Pat
 def test_kill_9_then_rerun_is_byte_identical(corpus: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "segue_dist.protect", "--generator", str(corpus["generator"])]
-    cmd += ["--in", str(corpus["train"]), "--out", str(out), "--no-progress", "--workers", "1", "--batch-size", "4"]
+    # Batches of 4 (5 per shard, each followed by the test delay) give the kill a window inside a shard.
+    cmd += ["--in", str(corpus["train"]), "--out", str(out), "--no-progress", "--workers", "1", "--threads", "1"]
+    cmd += ["--batch-size", "4"]
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -490,13 +524,16 @@ def test_kill_9_then_rerun_is_byte_identical(corpus: dict[str, Path], tmp_path: 
     assert list(out.glob(".*.tmp")), "a shard was in progress: its temporary file is left behind"
 
     summary, manifest = protect.protect(
-        protect.ProtectOptions(str(corpus["generator"]), str(corpus["train"]), str(out), progress=False)
+        protect.ProtectOptions(str(corpus["generator"]), str(corpus["train"]), str(out), batch_size=4, progress=False)
     )
     assert summary.shards_skipped == len(finished)
     assert manifest is not None and manifest["balanced"]
     assert not list(out.glob(".*.tmp"))
-    # Batch size 4 here, 256 for the reference: on CPU each image goes through G alone, so the bytes still agree.
-    assert tar_bytes(out) == tar_bytes(corpus["reference"])
+    # One G thread and one loader worker before the kill, the defaults after it and for an uninterrupted run with
+    # the same batch size: a batch is fixed by its shard alone and runs on one intra-op thread, so the bytes agree.
+    uninterrupted = tmp_path / "uninterrupted"
+    assert run_protect(corpus["generator"], corpus["train"], uninterrupted, "--batch-size", "4", "--workers", "2") == 0
+    assert tar_bytes(out) == tar_bytes(uninterrupted)
 
 
 # -------------------------------------------------------------------------------------------------------- real data

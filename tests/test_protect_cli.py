@@ -57,8 +57,8 @@ def folder_manifest() -> dict[str, Any]:
 
 def test_protect_tables_keep_the_output_path_whole_at_80_columns(console: Console) -> None:
     from segue_dist.protect.cli import print_folder_manifest, print_folder_summary, print_manifest, print_rank_summary
-    from segue_dist.protect.folder import FolderSummary
-    from segue_dist.protect.pipeline import RankSummary
+    from segue_dist.protect.folder_mode import FolderSummary
+    from segue_dist.protect.shard_mode import RankSummary
 
     stats = [{"written": 10, "quarantined": 0, "max_abs_delta": 8, "mean_abs_delta": 3.2, "psnr_mean": 40.1}]
     print_rank_summary(RankSummary(0, 1, 1, 0, stats, seconds=2.0))

@@ -20,9 +20,9 @@ from test_protect import make_generator
 
 from segue_dist import protect
 from segue_dist.checkpoint import load_generator
-from segue_dist.protect.compute import Perturber
-from segue_dist.protect.folder import FolderProtector
+from segue_dist.protect.folder_mode import FolderProtector
 from segue_dist.protect.folder_records import load_journal
+from segue_dist.protect.perturber import Perturber
 from segue_dist.utils.io import read_json
 
 EPS = 8  # levels: floor(255 * 8/255)
@@ -324,15 +324,18 @@ def journalled(out: Path) -> set[str]:
 
 
 def test_batched_generator_matches_per_image_within_float_noise(tree: dict[str, Path]) -> None:
-    """Folder mode's batched forward is the same function as shard mode's per-image forward (up to float32
-    summation order): batching is a speed-up, not another protection."""
+    """G over a batch is the same function as G over each image alone (up to float32 summation order), and bf16
+    stays within a small fraction of a level of fp32: batching and bf16 are speed-ups, not other protections."""
     generator, _ = load_generator(tree["generator"])
     faces = torch.from_numpy(np.stack([face_like(48, 40, s) for s in range(6)]))
     labels = torch.arange(6) % 8
-    per_image = Perturber(generator, torch.device("cpu"), EPS, threads=1).deltas(faces, labels)
-    batched = Perturber(generator, torch.device("cpu"), EPS, threads=1, batched=True).deltas(faces, labels)
+    fp32 = Perturber(generator, torch.device("cpu"), EPS, precision="fp32")
+    per_image = torch.cat([fp32.deltas(faces[i : i + 1], labels[i : i + 1]) for i in range(6)])
+    batched = fp32.deltas(faces, labels)
     assert per_image.abs().max() > 1e-3
     assert torch.allclose(per_image, batched, atol=1e-5)
+    bf16 = Perturber(generator, torch.device("cpu"), EPS, precision="bf16").deltas(faces, labels)
+    assert (bf16 - batched).abs().max() * 255 < 0.5  # under half a uint8 level
 
 
 def test_labels_from_a_csv_mapping(tree: dict[str, Path]) -> None:
@@ -356,7 +359,7 @@ def test_face_scale_delta_is_smooth_at_full_size_and_within_eps(tree: dict[str, 
     """δ computed at 50 px and upsampled to 300x200 has far less high-frequency energy than δ computed at full
     size; the written big.png (200 px short side > the 112 px default face size) stays within ε."""
     generator, _ = load_generator(tree["generator"])
-    perturber = Perturber(generator, torch.device("cpu"), EPS, threads=1)
+    perturber = Perturber(generator, torch.device("cpu"), EPS)
     photo = face_like(200, 300, 3)
     assert protect.face_shape(200, 300, 50) == (50, 75)
     smooth = protect.face_scale_delta(photo, 1, perturber, face_size=50)

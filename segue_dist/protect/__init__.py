@@ -26,9 +26,11 @@ What it guarantees
 * **Deterministic bytes.** Output bytes depend on the generator, the input shard and the settings only, never on the
   number of ranks, loader or encode workers, or on an interruption: tar members have a fixed mtime, encoders have
   fixed settings, and a shard's images are grouped into forward batches by that shard alone (per size, in shard
-  order). On CPU every image is run through G on its own with one intra-op thread, because float32 CPU kernels give
-  batch-size- and thread-count-dependent low bits that would flip the odd uint8 rounding; on CUDA (bf16 autocast,
-  cuDNN deterministic) results are exact for a given GPU model and ``--batch-size``.
+  order, ``--batch-size`` at most). A batch's composition and G's precision fix its bytes (float kernels give
+  batch-dependent low bits that can flip the odd uint8 rounding), so both are recorded in ``_protect.json`` and a
+  resume with another value warns. On CPU each batch runs on one intra-op thread (batches in parallel), so the
+  thread count cannot change a byte; on CUDA (bf16 autocast, cuDNN deterministic) results are exact for a given
+  GPU model.
 * **Bad samples never stop the job.** Corrupt, truncated, empty, non-image, decompression-bomb, too-small and
   unlabelled samples are quarantined with a one-line reason (per-shard stats, ``_quarantine.jsonl``, manifest);
   CMYK, grayscale, palette and alpha images are converted to RGB by ``decode_image``. Images of different sizes in
@@ -38,7 +40,8 @@ What it guarantees
 
 Pipeline (one rank): loader worker processes read and decode the rank's shards (``OnePassStream``, images sent in
 groups as HWC numpy arrays) -> the main thread groups each shard's images into forward batches and runs G (CUDA:
-bf16 autocast, channels_last, pinned asynchronous copies; CPU: float32, one image per thread) -> an encode pool
+bf16 autocast, channels_last, pinned asynchronous copies; CPU: a pool of one-thread G workers, bf16 where native)
+-> an encode pool
 (threads for PNG, processes for JPEG) writes each image and decodes it again to check ε, overlapping the next
 forward -> one tar-writer thread appends results to each shard's tar in submission order and finishes shards
 (fsync, rename, stats), so the main thread waits only when more than ``inflight`` batches are outstanding. With
@@ -47,14 +50,15 @@ on the GPU; the ε check is then against nvJPEG's decode of the input.
 
 Measured costs of each output format and where the time goes: ``docs/protect_benchmarks.md``.
 
-Folder mode (``--in PHOTOS/``, a photo tree instead of shards): :mod:`.folder` (one rank's share),
+Folder mode (``--in PHOTOS/``, a photo tree instead of shards): :mod:`.folder_mode` (one rank's share),
 :mod:`.folder_records` (listing, labels, journal, manifest), :mod:`.photo` (one photo: modes, face-scale δ, format);
 ε per format in ``docs/protect_folder.md``.
 
-Modules: :mod:`.options` (settings, worker counts), :mod:`.quantise` (ε levels, uint8 quantisation), :mod:`.stream`
-(input, size buckets), :mod:`.compute` (G), :mod:`.codecs` / :mod:`.gpu_codec` (encode + verify), :mod:`.output`
-(one shard), :mod:`.settings` (resume checks, labels), :mod:`.pipeline` (one rank's job), :mod:`.manifest`,
-:mod:`.cli`. Everything public is re-exported here.
+Modules: :mod:`.options` (settings, worker counts, resume checks, labels), :mod:`.quantise` (ε levels, the one
+uint8 quantiser), :mod:`.perturber` (G, both modes), :mod:`.codecs` / :mod:`.gpu_codec` (the one encoder and ε
+check), :mod:`.job` (what both modes share: setup, ordered writes, phase timer), :mod:`.stream` (input, size
+buckets), :mod:`.output` (one shard), :mod:`.shard_mode` (one rank's shard job), :mod:`.manifest`, :mod:`.cli`.
+Everything public is re-exported here.
 """
 
 from __future__ import annotations
@@ -67,13 +71,15 @@ from segue_dist.protect.codecs import (
     ImageCheck,
     encode_and_verify,
     encode_image,
+    encode_pil,
     make_encode_pool,
     measure,
+    verify_decoded,
 )
-from segue_dist.protect.compute import Perturber, make_thread_pool
-from segue_dist.protect.folder import FolderProtector, FolderSummary, is_folder_input, protect_folder
+from segue_dist.protect.folder_mode import FolderProtector, FolderSummary, is_folder_input, protect_folder
 from segue_dist.protect.folder_records import FOLDER_MANIFEST, Listing, list_folder, load_journal, photo_labels
 from segue_dist.protect.gpu_codec import GpuCodec
+from segue_dist.protect.job import OrderedWrites, PhaseTimer, ProtectJob, refuse_in_place
 from segue_dist.protect.manifest import (
     MANIFEST_NAME,
     QUARANTINE_NAME,
@@ -84,20 +90,32 @@ from segue_dist.protect.manifest import (
 from segue_dist.protect.options import (
     FORMATS,
     MIN_SIDE,
+    SETTINGS_NAME,
     TEST_DELAY_ENV,
+    LabelPlan,
     ProtectOptions,
+    check_or_record_settings,
+    plan_labels,
     resolve_batch_size,
     resolve_encode_backend,
     resolve_workers,
 )
 from segue_dist.protect.output import ShardWriter, output_sample
-from segue_dist.protect.photo import Planes, face_scale_delta, face_shape, protect_photo, read_planes
-from segue_dist.protect.pipeline import Protector, RankSummary, refuse_in_place
-from segue_dist.protect.quantise import eps_levels, quantise_protected
-from segue_dist.protect.settings import SETTINGS_NAME, LabelPlan, check_or_record_settings, plan_labels
+from segue_dist.protect.perturber import Perturber, cpu_has_bf16, make_thread_pool
+from segue_dist.protect.photo import PhotoFormat, Planes, face_scale_delta, face_shape, protect_photo, read_planes
+from segue_dist.protect.quantise import delta_levels, eps_levels, quantise_protected
+from segue_dist.protect.shard_mode import Protector, RankSummary
 from segue_dist.protect.stream import Item, ProtectStream, SizeBuckets, iter_items
 
 __all__ = [
+    "OrderedWrites",
+    "PhaseTimer",
+    "PhotoFormat",
+    "ProtectJob",
+    "cpu_has_bf16",
+    "delta_levels",
+    "encode_pil",
+    "verify_decoded",
     "FOLDER_MANIFEST",
     "FORMATS",
     "MANIFEST_NAME",

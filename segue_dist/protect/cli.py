@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from segue_dist.protect.folder import FolderSummary, is_folder_input, protect_folder
+from segue_dist.protect.folder_mode import FolderSummary, is_folder_input, protect_folder
 from segue_dist.protect.manifest import QUARANTINE_NAME, finalize_if_complete
 from segue_dist.protect.options import ProtectOptions
-from segue_dist.protect.pipeline import Protector, RankSummary
+from segue_dist.protect.shard_mode import Protector, RankSummary
 from segue_dist.utils.progress import console, print_table
 from segue_dist.utils.seed import seed_everything
 
@@ -107,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=["auto", "fp32", "bf16"],
         default="auto",
-        help="folder mode on CPU: G in bf16 where the CPU has native bf16 (auto), or as asked (CUDA: bf16)",
+        help="G's precision, both modes: auto = bf16 on CUDA and where the CPU has native bf16, else fp32 (the "
+        "bytes depend on it, so a resume warns on a change)",
     )
     parser.add_argument("--png-level", type=int, default=1, help="PNG zlib level 0..9 (1; 0 = fastest, largest)")
     parser.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1..100 (95)")
@@ -117,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--encode-backend", choices=["auto", "thread", "process"], default="auto", help="encode pool kind (auto)"
     )
-    parser.add_argument("--threads", type=int, default=0, help="CPU only: images through G in parallel (0 = auto)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU only: batches through G in parallel (0 = auto)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto)")
     parser.add_argument("--gpu-codec", action="store_true", help="CUDA: nvJPEG decode of JPEG inputs, GPU JPEG encode")
     parser.add_argument("--allow-unseen-labels", action="store_true", help="accept labels >= the generator's classes")

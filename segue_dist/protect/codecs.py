@@ -1,11 +1,14 @@
-"""Encoding protected images and checking ε on what is written: CPU codecs (PIL, in an encode pool).
+"""Encoding protected images and checking ε on what is written: the CPU codecs of both modes (PIL, in a pool).
 
-Each image is encoded (PNG, lossless, or JPEG), decoded again and measured against its original, so the ε check is
-made on exactly the bytes a user of the protected set will load. The GPU variant is :mod:`.gpu_codec`.
+One encoder (:func:`encode_pil`: PNG, JPEG, WebP, BMP, TIFF; lossless settings for all but JPEG) and one ε check on
+the decoded file (:func:`verify_decoded`) serve shard mode (:func:`encode_and_verify`, RGB arrays) and folder mode
+(:mod:`.photo`, photos of any mode), so the check is made on exactly the bytes a user of the protected set will load.
+The GPU variant is :mod:`.gpu_codec`.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,8 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from segue_dist.data.images import BadImage, decode_image, encode_jpeg, encode_png
+from segue_dist.data.images import BadImage, decode_image, jpeg_subsampling
 from segue_dist.metrics.image_quality import psnr_from_mse
 
 
@@ -61,10 +65,51 @@ class EncodedImage:
     error: str | None = None
 
 
+def encode_pil(
+    img: Image.Image, fmt: str, png_level: int, jpeg_quality: int, extra: dict[str, Any] | None = None
+) -> bytes:
+    """Encode a PIL image in ``fmt`` (PIL name: JPEG, PNG, WEBP, BMP, TIFF); every format but JPEG losslessly.
+    ``extra``: further ``Image.save`` options (the metadata folder mode keeps)."""
+    buf = io.BytesIO()
+    extra = extra or {}
+    if fmt == "JPEG":
+        img.save(buf, format="JPEG", quality=jpeg_quality, subsampling=jpeg_subsampling(jpeg_quality), **extra)
+    elif fmt == "PNG":
+        img.save(buf, format="PNG", compress_level=png_level, **extra)
+    elif fmt == "WEBP":
+        img.save(buf, format="WEBP", lossless=True, exact=True, **extra)
+    else:
+        img.save(buf, format=fmt, **extra)
+    return buf.getvalue()
+
+
 def encode_image(protected: np.ndarray, spec: EncodeSpec) -> bytes:
-    if spec.format == "png":
-        return encode_png(protected, compress_level=spec.png_level)
-    return encode_jpeg(protected, quality=spec.jpeg_quality)
+    """One (H, W, 3) uint8 RGB image in shard mode's output format."""
+    fmt = "PNG" if spec.format == "png" else "JPEG"
+    return encode_pil(Image.fromarray(np.ascontiguousarray(protected), "RGB"), fmt, spec.png_level, spec.jpeg_quality)
+
+
+def verify_decoded(
+    data: bytes,
+    written: np.ndarray,
+    original: np.ndarray,
+    levels: int,
+    lossless: bool,
+    expected: np.ndarray | None = None,
+) -> EncodedImage:
+    """The ε check of both modes on a written file: ``written`` (its decoded pixels, (H, W, C) uint8) against the
+    ``original`` (same shape). Lossy files pass with their measured bound; a lossless one is refused (data None,
+    with the reason) if it is not ``expected`` pixel for pixel (when given) or if it moves a pixel past ``levels``.
+    """
+    if written.shape != original.shape:
+        return EncodedImage(None, None, f"written shape {written.shape} != {original.shape}")
+    check = measure(written, original)
+    if lossless and expected is not None and not np.array_equal(written, expected):
+        return EncodedImage(None, check, f"lossless encoder changed the pixels: {check.max_abs} levels")
+    if lossless and check.max_abs > levels:
+        # Cannot happen with the integer clamp and a lossless codec; if it ever does, it is not written.
+        return EncodedImage(None, check, f"eps bound violated after encoding: {check.max_abs} levels")
+    return EncodedImage(data, check)
 
 
 def encode_and_verify(protected: np.ndarray, original: Sequence[np.ndarray], spec: EncodeSpec) -> list[EncodedImage]:
@@ -75,18 +120,13 @@ def encode_and_verify(protected: np.ndarray, original: Sequence[np.ndarray], spe
     """
     results = []
     for image, source in zip(protected, original, strict=True):
-        data = encode_image(np.ascontiguousarray(image), spec)
+        data = encode_image(image, spec)
         try:
             written = np.asarray(decode_image(data), dtype=np.uint8)
         except BadImage as exc:  # an encoder bug, not bad input: keep going, but never write the file
             results.append(EncodedImage(None, None, f"written image does not decode: {exc}"))
             continue
-        check = measure(written, source)
-        if spec.format == "png" and (not np.array_equal(written, image) or check.max_abs > spec.levels):
-            # Cannot happen with the integer clamp and a lossless codec; if it ever does, it is not written.
-            results.append(EncodedImage(None, check, f"eps bound violated after encoding: {check.max_abs} levels"))
-            continue
-        results.append(EncodedImage(data, check))
+        results.append(verify_decoded(data, written, source, spec.levels, spec.format == "png", expected=image))
     return results
 
 

@@ -1,11 +1,19 @@
-"""`segue protect`'s settings: :class:`ProtectOptions` (validated) and how automatic worker counts are chosen."""
+"""`segue protect`'s settings: :class:`ProtectOptions` (validated), how automatic worker counts are chosen, what a
+run's output depends on (``_protect.json``, recorded on a first run and checked on resume) and where shard mode's
+labels come from."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from segue_dist.checkpoint import label_map_hash
+from segue_dist.data.loader import ShardSet
+from segue_dist.data.sidecar import read_sidecar
 from segue_dist.utils.device import cpus_per_process
+from segue_dist.utils.io import atomic_write_json, read_json
 
 # The generator halves the resolution twice and instance-normalises the bottleneck, so it needs sides >= 8 px.
 MIN_SIDE = 8
@@ -36,7 +44,7 @@ class ProtectOptions:
     workers: int = 0  # loader worker processes; 0 = pick from the CPU count
     encode_workers: int = 0  # encode pool size; 0 = pick from the CPU count
     encode_backend: str = "auto"  # thread | process | auto (process for JPEG with >= 4 encoders, else thread)
-    threads: int = 0  # CPU only: images run through G in parallel (each on one intra-op thread); 0 = auto
+    threads: int = 0  # CPU only: batches run through G in parallel (each on one intra-op thread); 0 = auto
     device: str = "auto"
     gpu_codec: bool = False  # CUDA only: nvJPEG decode of JPEG inputs and, for JPEG output, encode on the GPU
     seed: int = 0
@@ -46,7 +54,7 @@ class ProtectOptions:
     progress: bool = True
     input_format: str = "auto"  # shards | folder | auto (folder when --in is a folder without sizes.json or tars)
     face_size: int = 0  # folder mode: short side δ is computed at; 0 = G's training size (generator.json), else 112
-    precision: str = "auto"  # folder mode on CPU: auto (bf16 where the CPU has native bf16) | fp32 | bf16
+    precision: str = "auto"  # G: auto (bf16 on CUDA and where the CPU has native bf16, else fp32) | fp32 | bf16
     keep_metadata: bool = False  # folder mode: ICC + EXIF, never GPS / thumbnail / MakerNote / XMP (metadata.py)
 
     def __post_init__(self) -> None:
@@ -80,8 +88,8 @@ class ProtectOptions:
 def resolve_workers(opts: ProtectOptions, on_cuda: bool) -> tuple[int, int, int]:
     """(loader workers, encode workers, CPU G threads). Explicit values win; 0 means pick from the cores.
 
-    On CPU, G costs 10-50x more than decode + encode (bench/protect_throughput.py), so every core runs G and the
-    codec workers, mostly idle, share them. On a GPU host the cores are all for codecs: about a third decode (JPEG
+    On CPU, G costs far more than decode + encode (``docs/protect_benchmarks.md``), so every core runs a G thread
+    (one batch at a time, one intra-op thread each) and the codec workers, mostly idle, share them. On a GPU host the cores are all for codecs: about a third decode (JPEG
     decode is cheaper than encode + the verifying decode), the rest encode.
     """
     cores = cpus_per_process()
@@ -103,7 +111,88 @@ def resolve_encode_backend(choice: str, fmt: str, encoders: int) -> str:
     return "process" if fmt == "jpeg" and encoders >= 4 else "thread"
 
 
+# Shard mode on the CPU: at most this many pixels per forward batch (8 images of 112 x 112; 2 of 224 x 224), so that
+# G's activations stay in the caches (docs/protect_benchmarks.md); --batch-size stays the cap in images.
+CPU_BATCH_PIXELS = 8 * 112 * 112
+
+
 def resolve_batch_size(opts: ProtectOptions, on_cuda: bool) -> int:
-    """Big batches feed a GPU; on CPU images go through G one by one anyway, and small batches start encoding
-    sooner (and bound memory tighter)."""
+    """Images per forward batch (shard mode: per shard and size; folder mode: photos per chunk). Big batches feed a
+    GPU; on CPU a batch runs on one intra-op thread, batches in parallel, and small ones start encoding sooner
+    (and bound memory tighter)."""
     return opts.batch_size or (256 if on_cuda else 16)
+
+
+SETTINGS_NAME = "_protect.json"
+
+
+# Keys whose change would make one output set mix two different protections: a resume refuses them.
+SETTINGS_MUST_MATCH = ("generator_sha256", "eps", "format", "png_level", "jpeg_quality", "labels", "metadata")
+# Keys whose change keeps the protection valid but may flip the odd uint8 rounding: a resume warns.
+SETTINGS_SHOULD_MATCH = ("compute", "batch_size", "batch_pixels")
+
+
+def check_or_record_settings(out_dir: Path, settings: dict[str, Any]) -> list[str]:
+    """Record the settings on a first run; on a resume, refuse incompatible ones. Returns warnings."""
+    path = out_dir / SETTINGS_NAME
+    if not path.is_file():
+        if any(out_dir.glob("*.tar")):
+            raise ValueError(f"{out_dir} holds .tar shards not written by segue protect; choose an empty --out")
+        atomic_write_json(path, settings)  # every rank writes the same content: the race is harmless
+        return []
+    previous = read_json(path)
+    for key in SETTINGS_MUST_MATCH:
+        if previous.get(key) != settings.get(key):
+            raise ValueError(
+                f"{out_dir} was started with {key}={previous.get(key)!r}, this run has {settings.get(key)!r}; "
+                f"resume with the same settings or choose a new --out"
+            )
+    return [
+        f"{key} differs from the run that started {out_dir} ({previous.get(key)!r} -> {settings.get(key)!r}): "
+        f"shards written now may differ in the odd uint8 rounding from an uninterrupted run"
+        for key in SETTINGS_SHOULD_MATCH
+        if previous.get(key) != settings.get(key)
+    ]
+
+
+def sidecar_file(path: str) -> Path:
+    """The sidecar file of ``--labels`` (a folder means its ``pseudo_labels.json``)."""
+    p = Path(path)
+    return p / "pseudo_labels.json" if p.is_dir() else p
+
+
+@dataclass
+class LabelPlan:
+    label_map: dict[str, int] | None  # None = use `.cls`
+    limit: int  # labels must be in [0, limit)
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan_labels(opts: ProtectOptions, shard_set: ShardSet, gen_meta: dict[str, Any], gen_cfg: Any) -> LabelPlan:
+    """Where G's side information comes from, and a clear error if the generator cannot code those labels."""
+    num_classes, bits = int(gen_cfg.num_classes), int(gen_cfg.bits)
+    limit = 2**bits if opts.allow_unseen_labels else num_classes
+    hint = "" if opts.allow_unseen_labels else f" (--allow-unseen-labels accepts labels up to {2**bits - 1})"
+    warnings_: list[str] = []
+    if opts.labels is not None:
+        label_map, k = read_sidecar(opts.labels)
+        if k > limit:
+            raise ValueError(f"sidecar {opts.labels} has K={k} pseudo-labels but the generator codes {limit}{hint}")
+        return LabelPlan(label_map, limit, warnings_)
+    if shard_set.labels:
+        top = max(shard_set.labels.values())
+        if top >= limit:
+            raise ValueError(
+                f"{shard_set.root}/labels.json has labels up to {top} but the generator codes only {limit}{hint}"
+            )
+        trained_hash = gen_meta.get("label_map_sha256", "")
+        if (
+            trained_hash
+            and gen_meta.get("label_source", "cls") == "cls"
+            and trained_hash != label_map_hash(shard_set.labels)
+        ):
+            warnings_.append(
+                "the generator was trained with a different label map than this shard set's labels.json: labels "
+                "just index codes, so this works, but identity i gets the code identity i had in training"
+            )
+    return LabelPlan(None, limit, warnings_)

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from segue_dist.data.images import BadImage, _upright, open_image, to_rgb
-from segue_dist.protect.codecs import EncodedImage, EncodeSpec, measure
-from segue_dist.protect.compute import Perturber
+from segue_dist.protect.codecs import EncodedImage, encode_pil, verify_decoded
 from segue_dist.protect.metadata import NO_METADATA, Metadata, kept_metadata
 from segue_dist.protect.options import MIN_SIDE
+from segue_dist.protect.perturber import Perturber
+from segue_dist.protect.quantise import delta_levels
 
 # Formats written back as themselves, all losslessly except JPEG (PIL format names).
 LOSSLESS_FORMATS = ("PNG", "WEBP", "BMP", "TIFF")
@@ -30,6 +31,15 @@ OUTPUT_FORMATS = ("JPEG", *LOSSLESS_FORMATS)
 LUMA = (0.299, 0.587, 0.114)
 # 16-bit samples per 8-bit level (65535 / 255): a δ of k levels moves a 16-bit sample by 257·k.
 DEEP_STEP = 257
+
+
+@dataclass(frozen=True)
+class PhotoFormat:
+    """How folder mode writes a photo in its own format: PNG zlib level, JPEG quality, and ε in uint8 levels."""
+
+    png_level: int
+    jpeg_quality: int
+    levels: int
 
 
 @dataclass
@@ -122,13 +132,6 @@ def upsample_delta(delta: torch.Tensor, height: int, width: int) -> torch.Tensor
     return F.interpolate(chw[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
-def delta_steps(delta: torch.Tensor, levels: int) -> torch.Tensor:
-    """Float δ (C, H, W) in [0, 1] units -> whole uint8 levels (H, W, C) int16, rounded and clamped to
-    ``[-levels, levels]``: adding them to an integer image and clipping to [0, 255] keeps
-    ``|protected - original| <= levels`` exactly. Transposed after rounding (int16 moves half the bytes)."""
-    return delta.mul(255.0).round_().clamp_(-levels, levels).to(torch.int16).permute(1, 2, 0).contiguous()
-
-
 def face_scale_delta(rgb: np.ndarray, label: int, perturber: Perturber, face_size: int) -> torch.Tensor:
     """G's δ for one (H, W, 3) uint8 photo, (1, H, W, 3) float in [0, 1] units: computed at the face scale
     (``face_input``) and upsampled to the photo's size (``upsample_delta``)."""
@@ -147,7 +150,10 @@ def protect_planes(planes: Planes, face_delta: torch.Tensor, levels: int) -> Pla
     height, width = planes.colour.shape[:2]
     # On the device δ was computed on: with G on a GPU the up-sampling runs there too, and only whole levels
     # come back to the host, whose cores are busy with the codecs.
-    steps = delta_steps(upsample_delta(face_delta.float(), height, width), levels).cpu()
+    # Rounded in whole levels by the one quantiser (quantise.delta_levels), then transposed as int16 (half the
+    # bytes of float32 to move).
+    steps = delta_levels(upsample_delta(face_delta.float(), height, width), levels).permute(1, 2, 0).contiguous()
+    steps = steps.cpu()
     colour = np.clip(planes.colour.astype(np.int16) + steps.numpy(), 0, 255).astype(np.uint8)
     deep = None
     if planes.deep is not None:
@@ -166,24 +172,12 @@ def planes_image(planes: Planes) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(colour))
 
 
-def encode_photo(img: Image.Image, fmt: str, spec: EncodeSpec, metadata: Metadata = NO_METADATA) -> bytes:
-    """Encode in ``fmt`` with only the given metadata (none by default); lossless settings for every format but
-    JPEG."""
-    buf = io.BytesIO()
+def encode_photo(img: Image.Image, fmt: str, spec: PhotoFormat, metadata: Metadata = NO_METADATA) -> bytes:
+    """Encode in ``fmt`` with only the given metadata (none by default), by the one encoder of both modes
+    (``codecs.encode_pil``: lossless settings for every format but JPEG, 4:4:4 JPEG at quality >= 90)."""
     if fmt == "JPEG" and img.mode not in ("L", "RGB"):
         img = img.convert("RGB")
-    extra = metadata.save_options(fmt, img.mode)
-    if fmt == "JPEG":
-        # 4:4:4 at high quality, as the shard encoder does: chroma subsampling alone would exceed ε on edges.
-        subsampling = 0 if spec.jpeg_quality >= 90 else 2
-        img.save(buf, format="JPEG", quality=spec.jpeg_quality, subsampling=subsampling, **extra)
-    elif fmt == "PNG":
-        img.save(buf, format="PNG", compress_level=spec.png_level, **extra)
-    elif fmt == "WEBP":
-        img.save(buf, format="WEBP", lossless=True, exact=True, **extra)
-    else:
-        img.save(buf, format=fmt, **extra)
-    return buf.getvalue()
+    return encode_pil(img, fmt, spec.png_level, spec.jpeg_quality, metadata.save_options(fmt, img.mode))
 
 
 def verify_written(data: bytes, original: Planes, fmt: str, levels: int) -> EncodedImage:
@@ -199,18 +193,13 @@ def verify_written(data: bytes, original: Planes, fmt: str, levels: int) -> Enco
         ):
             return EncodedImage(None, None, "grayscale photo written with colour")
         written.colour = written.colour[..., :1]
-    if written.colour.shape != original.colour.shape:
-        return EncodedImage(None, None, f"written shape {written.colour.shape} != {original.colour.shape}")
-    check = measure(written.colour, original.colour)
-    if fmt == "JPEG":
-        return EncodedImage(data, check)
-    if (original.alpha is None) != (written.alpha is None) or (
-        original.alpha is not None and not np.array_equal(original.alpha, written.alpha)
-    ):
-        return EncodedImage(None, check, "alpha changed by the encoder")
-    if check.max_abs > levels:
-        return EncodedImage(None, check, f"eps bound violated after encoding: {check.max_abs} levels")
-    return EncodedImage(data, check)
+    lossless = fmt != "JPEG"
+    same_alpha = (original.alpha is None and written.alpha is None) or (
+        original.alpha is not None and written.alpha is not None and np.array_equal(original.alpha, written.alpha)
+    )
+    if lossless and not same_alpha and written.colour.shape == original.colour.shape:
+        return EncodedImage(None, None, "alpha changed by the encoder")
+    return verify_decoded(data, written.colour, original.colour, levels, lossless)
 
 
 @dataclass
@@ -243,7 +232,7 @@ def open_for_protect(data: bytes, max_pixels: int, face_size: int, keep_metadata
     return OpenedPhoto(planes, img.mode, fmt, face_input(planes, face_size), metadata)
 
 
-def finish_photo(photo: OpenedPhoto, face_delta: torch.Tensor, spec: EncodeSpec) -> PhotoResult:
+def finish_photo(photo: OpenedPhoto, face_delta: torch.Tensor, spec: PhotoFormat) -> PhotoResult:
     """Add G's face-scale δ (h, w, 3) to the photo, encode it in its own format and check the written bytes."""
     protected = protect_planes(photo.planes, face_delta, spec.levels)
     try:
@@ -274,7 +263,7 @@ def face_deltas(photos: list[OpenedPhoto], labels: list[int], perturber: Perturb
 
 
 def protect_photo(
-    data: bytes, label: int, perturber: Perturber, spec: EncodeSpec, face_size: int, max_pixels: int
+    data: bytes, label: int, perturber: Perturber, spec: PhotoFormat, face_size: int, max_pixels: int
 ) -> PhotoResult:
     """Input bytes -> the bytes to write (checked against ε) or the reason the photo is quarantined (one photo;
     folder mode runs the same stages over chunks of photos)."""

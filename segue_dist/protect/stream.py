@@ -175,22 +175,30 @@ class SizeBuckets:
     """Groups one shard's good items into forward batches of one image size.
 
     A batch depends on the shard alone (never on what other shards or ranks do), which is what makes output bytes
-    independent of the number of workers and ranks. A bucket is emitted when it holds ``batch_size`` images; when a
-    shard mixes sizes and more than ``batch_size`` images wait in all buckets together, the oldest bucket goes
-    early, so memory stays bounded by one batch per open shard.
+    independent of the number of workers and ranks. A bucket is emitted when it holds :meth:`capacity` images:
+    ``batch_size``, or fewer for large images when ``batch_pixels`` (> 0) caps the pixels per batch (on the CPU a
+    batch's activations should fit the caches); when a shard mixes sizes and more than ``batch_size`` images wait
+    in all buckets together, the oldest bucket goes early, so memory stays bounded by one batch per open shard.
     """
 
-    def __init__(self, batch_size: int) -> None:
+    def __init__(self, batch_size: int, batch_pixels: int = 0) -> None:
         self.batch_size = batch_size
+        self.batch_pixels = batch_pixels
         self.buckets: dict[tuple[int, int], list[Item]] = {}
         self.pending = 0
+
+    def capacity(self, size: tuple[int, int]) -> int:
+        """Images per batch for images of ``size`` (height, width): a function of the size alone."""
+        if self.batch_pixels <= 0:
+            return self.batch_size
+        return max(1, min(self.batch_size, self.batch_pixels // (size[0] * size[1])))
 
     def add(self, item: Item) -> list[list[Item]]:
         bucket = self.buckets.setdefault(item.size, [])
         bucket.append(item)
         self.pending += 1
         ready = []
-        if len(bucket) >= self.batch_size:
+        if len(bucket) >= self.capacity(item.size):
             ready.append(self._pop(item.size))
         if self.pending > self.batch_size:
             ready.append(self._pop(next(iter(self.buckets))))

@@ -1,18 +1,19 @@
-"""One rank's protect job: its unfinished shards, through loader -> G -> encode pool -> tar, in bounded memory.
+"""Shard mode: one rank's unfinished shards, through loader -> G -> encode pool -> tar, in bounded memory.
 
-The main thread groups each shard's images into forward batches and runs G (:mod:`.compute`); an encode pool
-(:mod:`.codecs`, threads for PNG, processes for JPEG) writes each image and decodes it again to check ε, overlapping
-the next forward; one tar-writer thread appends results to each shard (:mod:`.output`) in submission order and
-finishes shards, so the main thread waits only when more than ``inflight`` batches are outstanding. With
-``--gpu-codec`` (:mod:`.gpu_codec`) plain JPEG inputs are decoded by nvJPEG and JPEG output is encoded on the GPU.
+Loader worker processes decode the rank's shards (:mod:`.stream`); the main thread groups each shard's images into
+forward batches (:class:`.stream.SizeBuckets`: per size, in shard order, so a batch depends on its shard alone) and
+hands each batch to G (:mod:`.perturber`): on the CPU to a pool of ``--threads`` threads of one intra-op thread
+each, on CUDA asynchronously from the main thread. The protected batch, quantised and ε-clamped in one vectorised
+step, goes to an encode pool (:mod:`.codecs`: threads for PNG, processes for JPEG) that writes each image and
+decodes it again to check ε; one tar-writer thread appends results to each shard (:mod:`.output`) in submission
+order and finishes shards (:class:`.job.OrderedWrites` bounds what is outstanding). With ``--gpu-codec``
+(:mod:`.gpu_codec`) plain JPEG inputs are decoded by nvJPEG and JPEG output is encoded on the GPU.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segue_dist.checkpoint import generator_sha256, load_generator
+from segue_dist.checkpoint import file_sha256
 from segue_dist.data.assign import assign_shards
 from segue_dist.data.images import BadImage, decode_image
 from segue_dist.data.loader import ShardEnd, open_shard_set
@@ -34,43 +35,40 @@ from segue_dist.protect.codecs import (
     encode_when_ready,
     make_encode_pool,
 )
-from segue_dist.protect.compute import Perturber
 from segue_dist.protect.gpu_codec import GpuCodec
+from segue_dist.protect.job import OrderedWrites, ProtectJob, timed_iter
 from segue_dist.protect.options import (
+    CPU_BATCH_PIXELS,
     ProtectOptions,
-    delay_for_tests_s,
-    resolve_batch_size,
+    plan_labels,
     resolve_encode_backend,
     resolve_workers,
+    sidecar_file,
 )
 from segue_dist.protect.output import ShardWriter, output_sample
-from segue_dist.protect.quantise import eps_levels
-from segue_dist.protect.settings import check_or_record_settings, plan_labels, protect_settings
+from segue_dist.protect.perturber import make_thread_pool
 from segue_dist.protect.stream import Item, ProtectStream, SizeBuckets, iter_items
-from segue_dist.utils import dist
-from segue_dist.utils.device import resolve_device
 from segue_dist.utils.io import atomic_write_bytes
-from segue_dist.utils.progress import console, make_progress
+from segue_dist.utils.progress import make_progress
 
 
 @dataclass
 class PendingBatch:
-    """A forward batch whose encoding runs in the pool; written in submission order."""
+    """A forward batch on its way to the tar: G's result (``compute``, a future on the CPU) and the encode futures
+    it leads to. :meth:`results` waits for both, on the tar-writer thread, so batches are written in order."""
 
     shard: str
     items: list[Item]
-    futures: list[Future] | None  # None: results already in ``ready``
-    ready: list[EncodedImage] | None = None
+    compute: Future | None = None  # CPU: the G thread's future, whose value is the encode futures
+    futures: list[Future] = field(default_factory=list)  # encode futures (CUDA: submitted by the main thread)
+    ready: list[EncodedImage] | None = None  # results already there (GPU codec)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) the GPU decode path refused
-
-    def done(self) -> bool:
-        return self.futures is None or all(f.done() for f in self.futures)
 
     def results(self) -> list[EncodedImage]:
         if self.ready is not None:
             return self.ready
-        assert self.futures is not None
-        return [image for future in self.futures for image in future.result()]
+        futures = self.compute.result() if self.compute is not None else self.futures
+        return [image for future in futures for image in future.result()]
 
 
 @dataclass
@@ -81,7 +79,7 @@ class RankSummary:
     shards_skipped: int
     stats: list[dict[str, Any]]
     seconds: float
-    timings: dict[str, float] = field(default_factory=dict)  # main-thread seconds per phase
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (G: summed over its threads)
 
     @property
     def written(self) -> int:
@@ -92,75 +90,54 @@ class RankSummary:
         return sum(s["quarantined"] for s in self.stats)
 
 
-class PhaseTimer:
-    """Main-thread seconds per phase (waiting for input, forward, GPU codec, waiting for encoders, writing): where
-    a slow job spends its time, reported in the summary."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-
-def timed_iter(items: Iterator[Any], timer: PhaseTimer, phase: str) -> Iterator[Any]:
-    while True:
-        with timer(phase):
-            item = next(items, None)
-        if item is None:
-            return
-        yield item
-
-
-class Protector:
-    """One rank's job: its unfinished shards, through loader -> G -> encode pool -> tar, in bounded memory."""
+class Protector(ProtectJob):
+    """One rank's job in shard mode: its unfinished shards, through loader -> G -> encode pool -> tar, in bounded
+    memory. ``ValueError`` for options that cannot work (``--gpu-codec`` without CUDA, labels G cannot code)."""
 
     def __init__(self, opts: ProtectOptions) -> None:
-        self.opts = opts
-        self.rank, self.world = dist.rank(), dist.world_size()
-        self.in_dir, self.out_dir = Path(opts.inp), Path(opts.out)
-        refuse_in_place(self.in_dir, self.out_dir)
+        super().__init__(opts)
         self.shard_set = open_shard_set(self.in_dir)
-        self.device = resolve_device(opts.device)
-        self.on_cuda = self.device.type == "cuda"
         if opts.gpu_codec and not self.on_cuda:
             raise ValueError("--gpu-codec needs a CUDA device")
-        self.generator, self.gen_meta = load_generator(opts.generator, self.device)
-        if self.on_cuda:
-            self.generator = self.generator.to(memory_format=torch.channels_last)
-        cfg = self.generator.config  # type: ignore[attr-defined]
-        self.eps = float(cfg.eps)
-        self.levels = eps_levels(self.eps)
-        self.generator_sha = generator_sha256(opts.generator, self.gen_meta)
-        self.labels = plan_labels(opts, self.shard_set, self.gen_meta, cfg)
+        self.labels = plan_labels(opts, self.shard_set, self.gen_meta, self.gen_cfg)
         self.spec = EncodeSpec(opts.format, opts.png_level, opts.jpeg_quality, self.levels)
         self.workers, self.encoders, self.threads = resolve_workers(opts, self.on_cuda)
-        self.batch_size = resolve_batch_size(opts, self.on_cuda)
-        self.inflight = opts.inflight or 2 * self.encoders + 2
+        self.batch_pixels = 0 if self.on_cuda else CPU_BATCH_PIXELS
+        self.inflight = opts.inflight or 2 * self.encoders + 2 + (0 if self.on_cuda else self.threads)
         self.encode_backend = resolve_encode_backend(opts.encode_backend, opts.format, self.encoders)
         self.protected_info = {"generator_sha256": self.generator_sha, "eps": self.eps, **self.spec.describe()}
         self.protected_info["label_source"] = "cls" if opts.labels is None else "sidecar"
-        self.delay = delay_for_tests_s()
-        self.timer = PhaseTimer()
         # The batched JPEG codec (--gpu-codec: nvJPEG on this rank's GPU). GpuCodec runs on any torch device, so a
         # caller may attach one on the CPU (torchvision's CPU codecs) to exercise this path without a GPU.
         self.codec: GpuCodec | None = GpuCodec(self.device, self.spec) if opts.gpu_codec else None
 
     # -------------------------------------------------------------------------------------------------- set-up
 
-    def prepare_output(self, compute: str) -> list[str]:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        settings = protect_settings(self.opts, self.gen_meta, self.generator_sha, self.eps, compute, self.batch_size)
-        messages = check_or_record_settings(self.out_dir, settings)
+    def context(self) -> dict[str, Any]:
+        """What the output bytes depend on; recorded in ``_protect.json`` and checked when a run resumes."""
+        opts = self.opts
+        spec = {"png_level": opts.png_level} if opts.format == "png" else {"jpeg_quality": opts.jpeg_quality}
+        labels = "cls" if opts.labels is None else f"sidecar:{file_sha256(sidecar_file(opts.labels))}"
+        return {
+            "generator_sha256": self.generator_sha,
+            "eps": self.eps,
+            "eps_levels": self.levels,
+            "format": opts.format,
+            **spec,
+            "labels": labels,
+            # G's batches are each shard's size buckets (batch_size images, batch_pixels pixels at most), and a batch's composition (like the compute) can flip the
+            # odd uint8 rounding: a resume with another value warns (options.SETTINGS_SHOULD_MATCH).
+            "compute": self.perturber.compute_label(),
+            "batch_size": self.batch_size,
+            "batch_pixels": self.batch_pixels,
+            "generator_num_classes": int(self.gen_meta.get("num_classes", 0)),
+        }
+
+    def prepare_output(self) -> None:
+        self.record_settings(self.context())
         labels_file = self.in_dir / "labels.json"
         if labels_file.is_file():
             atomic_write_bytes(self.out_dir / "labels.json", labels_file.read_bytes())
-        return messages
 
     def my_shards(self) -> tuple[list[str], int]:
         """This rank's shards still to do. Assigned from the full sorted list first, filtered second, so that ranks
@@ -175,42 +152,37 @@ class Protector:
 
     def run(self) -> RankSummary:
         start = time.perf_counter()
-        perturber = Perturber(self.generator, self.device, self.levels, self.threads)
-        try:
-            for message in [*self.labels.warnings, *self.prepare_output(perturber.compute_label())]:
-                self.warn(message)
-            todo, skipped = self.my_shards()
-            if not self.on_cuda:
-                torch.set_num_threads(1)  # see Perturber._one: the parallelism is across images instead
-            stats = self._protect_shards(todo, perturber) if todo else []
-        finally:
-            perturber.close()
+        for message in self.labels.warnings:
+            self.warn(message)
+        self.prepare_output()
+        todo, skipped = self.my_shards()
+        if not self.on_cuda:
+            torch.set_num_threads(1)  # the parallelism is across batches (perturber.make_thread_pool)
+        stats = self._protect_shards(todo) if todo else []
         seconds = time.perf_counter() - start
-        timings = {k: round(v, 3) for k, v in self.timer.seconds.items()}
-        return RankSummary(self.rank, self.world, len(todo) + skipped, skipped, stats, seconds, timings)
+        return RankSummary(self.rank, self.world, len(todo) + skipped, skipped, stats, seconds, self.timer.rounded())
 
-    def _protect_shards(self, todo: list[str], perturber: Perturber) -> list[dict[str, Any]]:
-        codec = self.codec
+    def _protect_shards(self, todo: list[str]) -> list[dict[str, Any]]:
         stream = ProtectStream(
-            todo, label_map=self.labels.label_map, max_pixels=self.opts.max_pixels, gpu_jpeg=codec is not None
+            todo, label_map=self.labels.label_map, max_pixels=self.opts.max_pixels, gpu_jpeg=self.codec is not None
         )
         expected = sum(self.shard_set.sizes[Path(s).name] for s in todo)
         pool = make_encode_pool(self.encode_backend, self.encoders)
+        # CPU: G on a pool of one-intra-op-thread threads; CUDA (or a codec attached on the CPU): the main thread.
+        g_pool = None if self.on_cuda or self.codec is not None else make_thread_pool(self.threads, "generator")
         try:
             items = timed_iter(iter_items(stream, self.workers), self.timer, "wait_input")
-            return self._loop(items, pool, perturber, codec, expected)
+            return self._loop(items, pool, g_pool, expected)
         finally:
+            if g_pool is not None:
+                g_pool.shutdown(wait=True, cancel_futures=True)
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _loop(
-        self,
-        items: Iterator[Item | ShardEnd],
-        pool: Executor,
-        perturber: Perturber,
-        codec: GpuCodec | None,
-        expected: int,
+        self, items: Iterator[Item | ShardEnd], pool: Executor, g_pool: Executor | None, expected: int
     ) -> list[dict[str, Any]]:
-        """Main thread: group items into batches and run G; the encode pool and one tar-writer thread do the rest.
+        """Main thread: group items into batches and hand them to G; the encode pool and one tar-writer thread do
+        the rest.
 
         Every change to a shard's output goes through the single tar-writer thread, in submission order, so a
         shard's bytes never depend on timing; the main thread waits only when more than ``inflight`` writes are
@@ -219,13 +191,22 @@ class Protector:
         writers: dict[str, ShardWriter] = {}
         opened: list[ShardWriter] = []
         buckets: dict[str, SizeBuckets] = {}
-        writes: deque[tuple[str, Future]] = deque()
         finished: list[dict[str, Any]] = []
         tar_thread = ThreadPoolExecutor(1, thread_name_prefix="tar-writer")  # one thread: tasks run in order
         show = self.opts.progress and self.rank == 0
         with make_progress(disable=not show) as progress:
             task = progress.add_task(f"protect rank {self.rank}/{self.world}", total=expected)
-            t0, done = time.perf_counter(), 0
+            t0, done = time.perf_counter(), [0]
+
+            def on_result(kind: str, value: Any) -> None:
+                if kind == "end":
+                    finished.append(value)
+                    return
+                done[0] += value
+                rate = done[0] / max(time.perf_counter() - t0, 1e-9)
+                progress.update(task, completed=done[0], info=f"{rate:,.0f} img/s")
+
+            writes = OrderedWrites(on_result, self.timer)
 
             def writer_for(shard: str) -> ShardWriter:
                 if shard not in writers:  # an empty shard still gets its (empty) tar
@@ -233,44 +214,28 @@ class Protector:
                     opened.append(writers[shard])
                 return writers[shard]
 
-            def settle(limit: int) -> None:
-                """Collect finished writes in order; block on the oldest while more than ``limit`` are outstanding."""
-                nonlocal done
-                while writes and (len(writes) > limit or writes[0][1].done()):
-                    kind, future = writes.popleft()
-                    with self.timer("wait_write"):
-                        value = future.result()
-                    if kind == "end":
-                        finished.append(value)
-                        continue
-                    done += value
-                    progress.update(
-                        task, completed=done, info=f"{done / max(time.perf_counter() - t0, 1e-9):,.0f} img/s"
-                    )
-                    if self.delay and kind == "batch":
-                        time.sleep(self.delay)
-
             def submit(writer: ShardWriter, batch: list[Item]) -> None:
-                entry = self._submit(batch, pool, perturber, codec)
-                writes.append(("batch", tar_thread.submit(self._write_batch, writer, entry)))
+                entry = self._submit(batch, pool, g_pool)
+                writes.add("batch", tar_thread.submit(self._write_batch, writer, entry))
 
             try:
                 for item in items:
+                    writer = writer_for(item.shard)
                     if isinstance(item, ShardEnd):
-                        writer = writer_for(item.shard)
                         for batch in buckets.pop(item.shard).drain() if item.shard in buckets else []:
                             submit(writer, batch)
-                        writes.append(("end", tar_thread.submit(writers.pop(item.shard).finish)))
+                        writes.add("end", tar_thread.submit(writers.pop(item.shard).finish))
                     else:
-                        writer = writer_for(item.shard)
                         bad = item.error or self._label_error(item)
                         if bad is not None:
-                            writes.append(("bad", tar_thread.submit(writer.quarantine, item.key, bad)))
+                            writes.add("bad", tar_thread.submit(writer.quarantine, item.key, bad))
                             continue
-                        for batch in buckets.setdefault(item.shard, SizeBuckets(self.batch_size)).add(item):
+                        for batch in buckets.setdefault(
+                            item.shard, SizeBuckets(self.batch_size, self.batch_pixels)
+                        ).add(item):
                             submit(writer, batch)
-                    settle(self.inflight)
-                settle(0)
+                    writes.settle(self.inflight)
+                writes.settle(0)
             except BaseException:
                 tar_thread.shutdown(wait=True, cancel_futures=True)
                 for writer in opened:
@@ -291,42 +256,59 @@ class Protector:
             return None
         return f"label {item.label} outside the generator's codes 0..{self.labels.limit - 1}"
 
-    def _submit(self, batch: list[Item], pool: Executor, perturber: Perturber, codec: GpuCodec | None) -> PendingBatch:
-        """Run G on the batch now and hand the encoding to the pool (it overlaps with the next batch's forward)."""
-        shard, rejected = batch[0].shard, []
+    def _submit(self, batch: list[Item], pool: Executor, g_pool: Executor | None) -> PendingBatch:
+        """Start G on the batch (CPU: on a G thread; CUDA: asynchronously here) and its encoding in the pool, which
+        overlaps with the next batches' forwards."""
+        shard = batch[0].shard
+        if g_pool is not None:
+            return PendingBatch(shard, batch, compute=g_pool.submit(self._protect_on_cpu, batch, pool))
+        rejected: list[tuple[str, str]] = []
+        codec = self.codec
         with self.timer("forward"):
             batch, originals = self._originals(rejected, batch, codec)
             if not batch:
-                return PendingBatch(shard, [], None, [], rejected)
-            labels = torch.tensor([it.label for it in batch], dtype=torch.long)
-            protected = perturber(originals, labels)
+                return PendingBatch(shard, [], ready=[], rejected=rejected)
+            protected = self.perturber(originals, self._labels_of(batch))
         if codec is not None and codec.encode_on_gpu:
             with self.timer("gpu_codec"):
                 results = codec.encode_and_verify(protected, originals)
             if results is not None:
-                return PendingBatch(shard, batch, None, results, rejected)
+                return PendingBatch(shard, batch, ready=results, rejected=rejected)
         sources = [it.image for it in batch]
         if any(s is None for s in sources):  # decoded by nvJPEG: the originals live on the GPU only
             sources = list(originals.cpu().numpy())
         host, ready = self._to_host(protected)
-        step = max(1, math.ceil(len(batch) / self.encoders))  # one task per encoder keeps them all busy
+        return PendingBatch(shard, batch, futures=self._encode(pool, host, sources, ready), rejected=rejected)
+
+    def _protect_on_cpu(self, batch: list[Item], pool: Executor) -> list[Future]:
+        """G thread (one intra-op thread): the batch through G, quantised and clamped at once, then its encoding
+        handed to the pool; returns the encode futures."""
+        sources = [it.image for it in batch]
+        with self.timer("forward"):
+            protected = self.perturber(torch.from_numpy(np.stack(sources)), self._labels_of(batch))  # type: ignore[arg-type]
+        return self._encode(pool, protected.numpy(), sources, None)
+
+    def _encode(self, pool: Executor, host: np.ndarray, sources: list[Any], ready: Any) -> list[Future]:
+        step = max(1, math.ceil(len(host) / self.encoders))  # one task per encoder keeps them all busy
         futures = []
-        for i in range(0, len(batch), step):
+        for i in range(0, len(host), step):
             args = (host[i : i + step], sources[i : i + step], self.spec)
             futures.append(
                 pool.submit(encode_when_ready, ready, *args) if ready else pool.submit(encode_and_verify, *args)
             )
-        return PendingBatch(shard, batch, futures, None, rejected)
+        return futures
+
+    @staticmethod
+    def _labels_of(batch: list[Item]) -> torch.Tensor:
+        return torch.tensor([it.label for it in batch], dtype=torch.long)
 
     def _to_host(self, protected: torch.Tensor) -> tuple[np.ndarray, Any]:
-        """The protected batch as a host array, and a CUDA event the encoders wait on (None if already there).
+        """The protected CUDA batch as a host array, and a CUDA event the encoders wait on (None if already there).
 
         With a thread pool the copy is asynchronous, into fresh pinned memory (PyTorch's caching host allocator
         reuses it only once nothing refers to it), so the main thread never waits for the GPU; a process pool
         needs the bytes now."""
-        if not self.on_cuda:
-            return protected.numpy(), None
-        if self.encode_backend == "process":
+        if self.encode_backend == "process" or not self.on_cuda:
             return protected.cpu().numpy(), None
         host = torch.empty(protected.shape, dtype=torch.uint8, pin_memory=True)
         host.copy_(protected, non_blocking=True)
@@ -390,13 +372,5 @@ class Protector:
                 writer.quarantine(item.key, encoded.error or "encoding failed")
                 continue
             writer.write(output_sample(item, encoded.data, self.spec.extension, self.protected_info), encoded.check)
+        self.pause()  # tests only (TEST_DELAY_ENV): a window for kill -9 with the shard's temporary file open
         return len(entry.items) + len(entry.rejected)
-
-    def warn(self, message: str) -> None:
-        if self.rank == 0:
-            console.print(f"[yellow]warning:[/yellow] {message}")
-
-
-def refuse_in_place(inp: Path, out: Path) -> None:
-    if inp.resolve() == out.resolve():
-        raise ValueError(f"--out must differ from --in ({inp}): protect never modifies its input")

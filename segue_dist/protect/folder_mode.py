@@ -10,8 +10,8 @@ whatever the number of ranks or threads and after a resume. Each output is writt
 (:mod:`.folder_records`), so a rerun (after ``kill -9`` too) skips what is done and redoes the rest with identical
 bytes. Whoever sees every photo accounted for writes the manifest.
 
-CPU: chunks run in parallel on ``--threads`` threads of one intra-op thread each (decode, G, encode, check); G in
-bf16 where the CPU has native bf16 (``--precision``), else fp32.
+CPU: chunks run in parallel on ``--threads`` threads of one intra-op thread each (decode, G, encode, check); G is
+the one :class:`.perturber.Perturber` of both modes (bf16 where the CPU has native bf16, ``--precision``, else fp32).
 CUDA: G runs the chunk's faces in bf16 on the GPU; decode, up-sampling and encode stay on the CPU threads.
 """
 
@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from segue_dist.checkpoint import file_sha256, generator_sha256, load_generator
+from segue_dist.checkpoint import file_sha256
 from segue_dist.data.assign import assign_shards
 from segue_dist.data.images import BadImage
-from segue_dist.protect.codecs import EncodeSpec
-from segue_dist.protect.compute import Perturber, cpu_has_bf16, make_thread_pool
 from segue_dist.protect.folder_records import (
     Journal,
     Listing,
@@ -43,16 +39,14 @@ from segue_dist.protect.folder_records import (
     photo_labels,
     write_folder_manifest,
 )
+from segue_dist.protect.job import OrderedWrites, ProtectJob
 from segue_dist.protect.metadata import KEPT
-from segue_dist.protect.options import ProtectOptions, delay_for_tests_s, resolve_batch_size
-from segue_dist.protect.photo import OpenedPhoto, PhotoResult, face_deltas, finish_photo, open_for_protect
-from segue_dist.protect.pipeline import refuse_in_place
-from segue_dist.protect.quantise import eps_levels
-from segue_dist.protect.settings import check_or_record_settings
-from segue_dist.utils import dist
-from segue_dist.utils.device import cpus_per_process, resolve_device
+from segue_dist.protect.options import ProtectOptions
+from segue_dist.protect.perturber import Perturber, make_thread_pool
+from segue_dist.protect.photo import OpenedPhoto, PhotoFormat, PhotoResult, face_deltas, finish_photo, open_for_protect
+from segue_dist.utils.device import cpus_per_process
 from segue_dist.utils.io import atomic_write_bytes
-from segue_dist.utils.progress import console, make_progress
+from segue_dist.utils.progress import make_progress
 
 # Face scale when the generator's JSON does not record its training size: the attacker's usual 112 px crop.
 DEFAULT_FACE_SIZE = 112
@@ -85,30 +79,19 @@ class FolderSummary:
         return sum(e["status"] == status for e in self.entries)
 
 
-class FolderProtector:
-    """One rank's share of a photo folder: list, label, protect each photo, write atomically, journal."""
+class FolderProtector(ProtectJob):
+    """One rank's share of a photo folder: list, label, protect each photo, write atomically, journal.
+    ``ValueError`` when G cannot code the identities found."""
 
     def __init__(self, opts: ProtectOptions) -> None:
-        self.opts = opts
-        self.rank, self.world = dist.rank(), dist.world_size()
-        self.in_dir, self.out_dir = Path(opts.inp), Path(opts.out)
-        refuse_in_place(self.in_dir, self.out_dir)
-        self.device = resolve_device(opts.device)
-        self.generator, self.gen_meta = load_generator(opts.generator, self.device)
-        cfg = self.generator.config  # type: ignore[attr-defined]
-        self.eps = float(cfg.eps)
-        self.levels = eps_levels(self.eps)
-        self.generator_sha = generator_sha256(opts.generator, self.gen_meta)
+        super().__init__(opts)
+        cfg = self.gen_cfg
         self.face_size = opts.face_size or training_face_size(self.gen_meta)
-        self.spec = EncodeSpec("as-input", opts.png_level, opts.jpeg_quality, self.levels)
+        self.spec = PhotoFormat(opts.png_level, opts.jpeg_quality, self.levels)
         self.limit = 2 ** int(cfg.bits) if opts.allow_unseen_labels else int(cfg.num_classes)
         self.hint = "" if opts.allow_unseen_labels else f" (--allow-unseen-labels accepts up to {2**cfg.bits - 1})"
         self.threads = opts.threads or cpus_per_process()
-        self.chunk_size = resolve_batch_size(opts, self.device.type == "cuda")
-        self.delay = delay_for_tests_s()
-        # G batched over chunks; on CPU in bf16 where the CPU has it natively (--precision auto).
-        cpu_bf16 = opts.precision == "bf16" or (opts.precision == "auto" and cpu_has_bf16())
-        self.perturber = Perturber(self.generator, self.device, self.levels, threads=1, batched=True, cpu_bf16=cpu_bf16)
+        self.chunk_size = self.batch_size
         self.listing = list_folder(self.in_dir, exclude=self.out_dir)
         self.labels = photo_labels(self.listing.photos, opts.labels, self.limit, self.hint)
 
@@ -159,14 +142,12 @@ class FolderProtector:
 
     def run(self) -> FolderSummary:
         start = time.perf_counter()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for message in check_or_record_settings(self.out_dir, self.context()):
-            self.warn(message)
+        self.record_settings(self.context())
         todo, to_write, skipped = self.my_todo(load_journal(self.out_dir))
         summary = FolderSummary(self.rank, self.world, to_write + skipped, skipped)
         if todo:
             if self.device.type == "cpu":
-                torch.set_num_threads(1)  # the parallelism is across chunks (see Perturber._forward)
+                torch.set_num_threads(1)  # the parallelism is across chunks (perturber.make_thread_pool)
             journal = Journal(self.out_dir, self.rank, self.world)
             try:
                 summary.entries = self._loop(todo, to_write, self.perturber, journal)
@@ -181,26 +162,26 @@ class FolderProtector:
         """Chunks run in a thread pool, at most ``threads + 1`` in flight (memory stays flat in the number of
         photos); the main thread journals results in input order and drives the progress bar."""
         pool = make_thread_pool(self.threads, "chunk")
-        pending: deque[Future] = deque()
         done: list[dict[str, Any]] = []
         show = self.opts.progress and self.rank == 0
         with make_progress(disable=not show) as progress:
             task = progress.add_task(f"protect rank {self.rank}/{self.world}", total=to_write)
             t0 = time.perf_counter()
 
-            def collect(limit: int) -> None:
-                while len(pending) > limit:
-                    for entry in pending.popleft().result():
-                        journal.add(entry)
-                        done.append(entry)
-                    rate = len(done) / max(time.perf_counter() - t0, 1e-9)
-                    progress.update(task, completed=len(done), info=f"{rate:,.1f} img/s")
+            def on_result(_: str, entries: list[dict[str, Any]]) -> None:
+                for entry in entries:
+                    journal.add(entry)
+                    done.append(entry)
+                rate = len(done) / max(time.perf_counter() - t0, 1e-9)
+                progress.update(task, completed=len(done), info=f"{rate:,.1f} img/s")
+                self.pause()  # tests only (TEST_DELAY_ENV): a window for kill -9 between journalled chunks
 
+            writes = OrderedWrites(on_result)
             try:
                 for chunk, write in todo:
-                    pending.append(pool.submit(self.protect_chunk, chunk, write, perturber))
-                    collect(self.threads)
-                collect(0)
+                    writes.add("chunk", pool.submit(self.protect_chunk, chunk, write, perturber))
+                    writes.settle(self.threads)
+                writes.settle(0)
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
         return done
@@ -224,8 +205,6 @@ class FolderProtector:
         """Protect one chunk: G over every photo that opens (the batch is the whole chunk, so it does not depend on
         what an earlier run finished), then write the photos in ``write`` atomically; returns their journal
         entries (written or quarantined) in input order."""
-        if self.delay:
-            time.sleep(self.delay)  # tests only: a window for kill -9 between chunks
         opened = [self.open_one(rel) for rel in chunk]
         ready = [(rel, photo) for rel, (_, photo, _) in zip(chunk, opened, strict=True) if photo is not None]
         deltas = face_deltas([p for _, p in ready], [self.labels[rel] for rel, _ in ready], perturber)
@@ -269,10 +248,6 @@ class FolderProtector:
         if manifest is not None:
             write_folder_manifest(self.out_dir, manifest)
         return manifest
-
-    def warn(self, message: str) -> None:
-        if self.rank == 0:
-            console.print(f"[yellow]warning:[/yellow] {message}")
 
 
 def protect_folder(opts: ProtectOptions) -> tuple[FolderSummary, dict[str, Any] | None, Listing]:
