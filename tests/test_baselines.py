@@ -101,7 +101,7 @@ def test_budget_validity_and_determinism(
 
 def test_registry_and_errors(data: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, y = data
-    assert set(BASELINES) == {"random", "lsp", "ue"}
+    assert set(BASELINES) == {"random", "lsp", "tap", "ue"}
     with pytest.raises(ValueError, match="unknown baseline"):
         make_baseline_perturbations("tue", x, y, num_classes=K)
     with pytest.raises(ValueError, match="model_factory"):

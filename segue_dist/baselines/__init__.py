@@ -99,42 +99,20 @@ def _lsp(
     return gen.perturbation(labels, keys)
 
 
-def _ue(
-    images: Tensor,
-    labels: Tensor,
-    keys: list[Key],
-    *,
-    num_classes: int,
-    eps: float,
-    seed: int,
-    model_factory: Callable[[], nn.Module] | None,
-    **kw: Any,
-) -> Tensor:
-    if model_factory is None:
-        raise ValueError("baseline 'ue' needs model_factory: a callable returning a fresh surrogate nn.Module")
+Factory = Callable[[], nn.Module]
+
+
+def _ue(images: Tensor, labels: Tensor, keys: list[Key], *, model_factory: Factory, seed: int, **kw: Any) -> Tensor:
     # Reproducible surrogate init without disturbing the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "ue-surrogate-init"))
         model = model_factory()
-    return generate_ue(model, images, labels, eps=eps, num_classes=num_classes, seed=seed, **kw)
+    return generate_ue(model, images, labels, seed=seed, **kw)
 
 
-def _tap(
-    images: Tensor,
-    labels: Tensor,
-    keys: list[Key],
-    *,
-    num_classes: int,
-    eps: float,
-    seed: int,
-    model_factory: Callable[[], nn.Module] | None,
-    **kw: Any,
-) -> Tensor:
-    if model_factory is None:
-        raise ValueError("baseline 'tap' needs model_factory: a callable returning a fresh surrogate nn.Module")
-    return generate_tap(
-        model_factory, images, labels, num_classes=num_classes, eps=eps, seed=seed, config=TAPConfig(**kw)
-    )
+def _tap(images: Tensor, labels: Tensor, keys: list[Key], *, model_factory: Factory, **kw: Any) -> Tensor:
+    given = {name: kw.pop(name) for name in ("num_classes", "eps", "seed")}
+    return generate_tap(model_factory, images, labels, **given, config=TAPConfig(**kw))
 
 
 class BaselineFn:
@@ -157,6 +135,8 @@ class BaselineFn:
         **kw: Any,
     ) -> Tensor:
         _check(images, labels, num_classes)
+        if "model_factory" in self.uses and model_factory is None:
+            raise ValueError("this baseline needs model_factory: a callable returning a fresh surrogate nn.Module")
         given = {"num_classes": num_classes, "model_factory": model_factory}
         extra = {name: given[name] for name in self.uses}
         delta = self.perturb(images, labels, _keys(keys, images.shape[0]), eps=eps, seed=seed, **extra, **kw)

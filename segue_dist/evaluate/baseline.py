@@ -88,7 +88,7 @@ def write_baseline(cfg: BaselineConfig, show_progress: bool = True) -> dict[str,
         options.setdefault("device", device)
     factory = (
         (lambda: build_classifier(cfg.surrogate, k, size, small_stem=cfg.surrogate_small_stem))
-        if library_method == "ue"
+        if library_method in ("ue", "tap")
         else None
     )
     console.print(

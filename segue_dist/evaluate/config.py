@@ -18,6 +18,7 @@ BASELINE_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "lsp-classwise": ("lsp", {"samplewise": False}),
     "random": ("random", {}),
     "random-classwise": ("random", {"classwise": True}),
+    "tap": ("tap", {}),  # targeted adversarial poisoning (Fowl et al. 2021), baselines/tap.py
 }
 
 
