@@ -19,12 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segue_dist.attacks import flip_crop, grayscale
 from segue_dist.ops.pgd import pgd_delta
 from segue_dist.utils.seed import derive_seed
 
 __all__ = ["TAPConfig", "generate_tap", "target_classes"]
-
-_LUMA = (0.299, 0.587, 0.114)
 
 
 @dataclass
@@ -56,31 +55,19 @@ class _ColourAndGrey(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.register_buffer("luma", torch.tensor(_LUMA).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        grey = (x * self.luma).sum(dim=1, keepdim=True).expand_as(x)
-        return self.model(torch.cat([x, grey]))
-
-
-def _flip_crop(x: Tensor, gen: torch.Generator) -> Tensor:
-    """Random horizontal flip and a crop of a reflect-padded copy (pad = side / 8), per batch: the victim's own."""
-    if torch.rand((), generator=gen) < 0.5:
-        x = x.flip(-1)
-    pad = max(1, x.shape[-1] // 8)
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=gen))
-    return padded[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
+        return self.model(torch.cat([x, grayscale(x)]))
 
 
 def train_surrogate(model: nn.Module, images: Tensor, labels: Tensor, cfg: TAPConfig, seed: int) -> nn.Module:
-    """Train ``model`` on the clean (N, 3, H, W) images in [0, 1] with flip + crop; returns it in eval mode."""
+    """Train ``model`` on the clean (N, 3, H, W) images in [0, 1] with the victim's flip + crop; returns it in eval mode."""
     gen = torch.Generator().manual_seed(derive_seed(seed, "tap-surrogate"))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     model.train()
     for _ in range(cfg.train_epochs):
         for idx in torch.randperm(len(images), generator=gen).split(cfg.batch_size):
-            loss = F.cross_entropy(model(_flip_crop(images[idx], gen)), labels[idx])
+            loss = F.cross_entropy(model(flip_crop(images[idx], gen)), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
