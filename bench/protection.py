@@ -296,8 +296,6 @@ def save_run(path: Path, record: dict[str, Any], seed: str, run_: dict[str, Any]
         on_disk = json.loads(path.read_text()) if path.exists() else {}
         runs = {**runs_of(on_disk), seed: run_}
         record.update(runs=runs, rows=mean_rows(runs), quality=mean_quality(runs))
-        for stale in ("train_seconds", "train_history", "saturated_fraction", "make_seconds", "env"):
-            record.pop(stale, None)  # per seed now, under runs
         atomic_write_json(path, record)
 
 
@@ -305,6 +303,9 @@ def run(args: argparse.Namespace) -> None:
     train_set = load_split(args.shards, "train")
     path = Path(args.out) / f"{args.name}.json"
     record: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    record["runs"] = runs_of(record)  # a record from before seeds: its one run becomes seed 0, once
+    for stale in ("train_seconds", "train_history", "saturated_fraction", "make_seconds", "env"):
+        record.pop(stale, None)  # per seed now, under runs
     k = train_set.num_classes
     record.update(
         {
