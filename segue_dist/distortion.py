@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segue_dist.ops.blur import gaussian_blur
+from segue_dist.ops.losses import view_cross_entropy
 from segue_dist.ops.pgd import pgd_delta
 from segue_dist.ops.pgd import uniform as _uniform
 
@@ -392,13 +393,22 @@ def pgd_perturbation(
     step_size: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The distortion layer's PGD: ``adv`` (detached, ``|adv| <= radius``) that increases ``CE(model(x + adv))``.
+    """The distortion layer's PGD: ``adv`` (detached, ``|adv| <= radius``) that increases ``CE(model(x + adv))``
+    (the mean over the views of a multi-view surrogate: `segue_dist.ops.losses.view_cross_entropy`).
 
     :func:`segue_dist.ops.pgd_delta` with the paper's setting: one step is FGSM from 0; more steps start at a
     uniform random point (Madry et al.). See there for modes, gradients and bounds.
     """
     return pgd_delta(
-        model, x, labels, radius=radius, steps=steps, random_start=steps > 1, step_size=step_size, generator=generator
+        model,
+        x,
+        labels,
+        radius=radius,
+        steps=steps,
+        random_start=steps > 1,
+        step_size=step_size,
+        generator=generator,
+        loss_fn=view_cross_entropy,
     )
 
 

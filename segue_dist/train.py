@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from segue_dist.config import ConfigError, load_config, save_resolved
 from segue_dist.data.loader import train_loader
 from segue_dist.distortion import DistortionLayer
+from segue_dist.ops.losses import view_cross_entropy
 from segue_dist.training.build import TrainingSetup, build_models, build_surrogate, resolve_labels, setup_training
 from segue_dist.training.checkpointing import load_checkpoint, save_checkpoint, saved_position
 from segue_dist.training.config import (
@@ -229,7 +229,7 @@ def f_step(g: Runner, f: Runner, x: torch.Tensor, y: torch.Tensor, cfg: TrainCon
     x_ue = (x + delta).clamp_(0, 1)
     f.wrapped.train()
     with rt.autocast():
-        loss = F.cross_entropy(f.wrapped(x_ue).float(), y)
+        loss = view_cross_entropy(f.wrapped(x_ue).float(), y)
     f.backward_and_step(loss, cfg.optim.grad_clip)
     return loss.item()
 
@@ -303,7 +303,7 @@ def error_minimising_loss(
         delta = g.wrapped(x, y).float()
     x_seen = distortion((x + delta).clamp(0, 1), model=surrogate, labels=y, generator=rng)
     with rt.autocast():
-        ce = F.cross_entropy(classify(x_seen).float(), y)
+        ce = view_cross_entropy(classify(x_seen).float(), y)
     l2 = delta.flatten(1).norm(dim=1).mean()
     return cfg.optim.alpha * ce + cfg.optim.beta * l2, ce, l2
 

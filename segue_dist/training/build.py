@@ -15,6 +15,7 @@ from segue_dist.data.sidecar import read_sidecar
 from segue_dist.distortion import DistortionLayer
 from segue_dist.models.classifiers import build_classifier
 from segue_dist.models.generator import SegueGenerator
+from segue_dist.models.surrogate import GrayscaleTwin
 from segue_dist.training.config import TrainConfig
 from segue_dist.training.runtime import Runner, Runtime, deepspeed_requested, ds_config_for, make_runtime
 from segue_dist.utils.device import capped_workers, cpus_per_process
@@ -63,14 +64,22 @@ def resolve_labels(cfg: TrainConfig) -> SideInformation:
 
 
 def build_surrogate(cfg: TrainConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
-    """f as configured (``surrogate.*``); ``pretrained=False`` ignores ``surrogate.pretrained`` (fresh weights)."""
-    return build_classifier(
-        cfg.surrogate.arch,
-        num_classes,
-        image_size=cfg.data.size,
-        pretrained=(cfg.surrogate.pretrained or None) if pretrained else None,
-        small_stem=cfg.surrogate.small_stem,
-    )
+    """f as configured (``surrogate.*``): one classifier, or a `GrayscaleTwin` of two (colour, then grayscale, drawn
+    in that order from torch's RNG); ``pretrained=False`` ignores ``surrogate.pretrained`` (fresh weights)."""
+
+    def classifier() -> nn.Module:
+        return build_classifier(
+            cfg.surrogate.arch,
+            num_classes,
+            image_size=cfg.data.size,
+            pretrained=(cfg.surrogate.pretrained or None) if pretrained else None,
+            small_stem=cfg.surrogate.small_stem,
+        )
+
+    if cfg.surrogate.grayscale_twin:
+        colour = classifier()
+        return GrayscaleTwin(colour, classifier())
+    return classifier()
 
 
 def build_models(cfg: TrainConfig, num_classes: int) -> tuple[SegueGenerator, nn.Module]:

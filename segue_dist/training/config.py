@@ -41,6 +41,9 @@ class SurrogateConfig:
     arch: str = "resnet18"
     pretrained: str = ""  # local weights file only; never downloaded
     small_stem: bool | None = None  # None = automatic (on for images <= 112 px)
+    # A second network of the same arch that sees only the BT.601 luminance of f's input; f's loss and G's CE term
+    # are the mean of the two networks' (segue_dist/models/surrogate.py): G must also protect under grayscale.
+    grayscale_twin: bool = False
 
 
 @dataclass

@@ -1,0 +1,88 @@
+"""The grayscale twin surrogate (`surrogate.grayscale_twin`): its grayscale network sees luminance only, its loss is
+the mean of the two networks', and a whole training run with it resumes bit for bit and exports a plain G."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from train_testing import build_tiny_shards, run_train
+
+import segue_dist.train as train_module
+from segue_dist.checkpoint import load_generator, load_state
+from segue_dist.distortion import to_grayscale
+from segue_dist.models import build_classifier
+from segue_dist.models.surrogate import GrayscaleTwin, view_cross_entropy
+
+TWIN = "surrogate.grayscale_twin=true"
+
+
+def twin(k: int = 5) -> GrayscaleTwin:
+    torch.manual_seed(0)
+    net = GrayscaleTwin(build_classifier("resnet18", k, 32, small_stem=False), build_classifier("resnet18", k, 32))
+    return net.eval()
+
+
+def luma_free(shape: tuple[int, ...]) -> torch.Tensor:
+    """A colour pattern with zero BT.601 luminance: what the grayscale network must not see."""
+    c = torch.rand(shape) - 0.5
+    gray = to_grayscale(c)[:, :1]
+    return (c - gray) * 0.1
+
+
+def test_the_grayscale_network_sees_luminance_only_and_the_colour_network_sees_colour() -> None:
+    net = twin()
+    x = torch.rand(4, 3, 32, 32) * 0.8 + 0.1
+    with torch.no_grad():
+        a, b = net(x), net(x + luma_free(x.shape))
+    assert a.shape == (4, 5, 2)
+    assert torch.allclose(a[..., 1], b[..., 1], atol=1e-4)  # grayscale view: the colour pattern is gone
+    assert (a[..., 0] - b[..., 0]).abs().max() > 1e-3  # colour view: it is not
+
+
+def test_view_cross_entropy_is_the_mean_of_the_two_networks_losses() -> None:
+    logits, y = torch.randn(6, 5, 2), torch.randint(0, 5, (6,))
+    both = (F.cross_entropy(logits[..., 0], y) + F.cross_entropy(logits[..., 1], y)) / 2
+    assert torch.allclose(view_cross_entropy(logits, y), both)
+    assert torch.allclose(view_cross_entropy(logits[..., 0], y), F.cross_entropy(logits[..., 0], y))
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_shards(tmp_path_factory.mktemp("tiny"))
+
+
+def test_a_twin_run_resumes_bit_identically_and_exports_a_plain_generator(
+    tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole = run_train(tmp_path / "whole", tiny_shards, TWIN, "distortion.pgd=true")
+    tensors, _ = load_state(tmp_path / "whole" / "checkpoints" / "last")
+    assert any(k.startswith("f.model.gray.") for k in tensors) and any(k.startswith("f.model.colour.") for k in tensors)
+    real_step, calls = train_module.take_step, []
+
+    def crash_at_step_9(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 9:
+            raise RuntimeError("killed")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "take_step", crash_at_step_9)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_train(tmp_path / "split", tiny_shards, TWIN, "distortion.pgd=true")
+    monkeypatch.undo()
+    resumed = run_train(tmp_path / "split", tiny_shards, TWIN, "distortion.pgd=true")
+    assert resumed["steps"] == whole["steps"]
+    g_whole, _ = load_generator(tmp_path / "whole" / "generator.safetensors")
+    g_split, _ = load_generator(tmp_path / "split" / "generator.safetensors")
+    for (name, a), (_, b) in zip(g_whole.state_dict().items(), g_split.state_dict().items()):
+        assert torch.equal(a, b), name
+    # The twin changes what G is trained against: without it the same seed trains another G.
+    run_train(tmp_path / "single", tiny_shards, "distortion.pgd=true")
+    g_single, _ = load_generator(tmp_path / "single" / "generator.safetensors")
+    assert any(not torch.equal(a, b) for a, b in zip(g_single.state_dict().values(), g_whole.state_dict().values()))
+    config = json.loads((tmp_path / "whole" / "generator.json").read_text())
+    assert config["train_config"]["surrogate"]["grayscale_twin"] is True
