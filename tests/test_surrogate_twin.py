@@ -78,11 +78,12 @@ def test_a_twin_run_resumes_bit_identically_and_exports_a_plain_generator(
     assert resumed["steps"] == whole["steps"]
     g_whole, _ = load_generator(tmp_path / "whole" / "generator.safetensors")
     g_split, _ = load_generator(tmp_path / "split" / "generator.safetensors")
-    for (name, a), (_, b) in zip(g_whole.state_dict().items(), g_split.state_dict().items()):
+    for (name, a), (_, b) in zip(g_whole.state_dict().items(), g_split.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     # The twin changes what G is trained against: without it the same seed trains another G.
     run_train(tmp_path / "single", tiny_shards, "distortion.pgd=true")
     g_single, _ = load_generator(tmp_path / "single" / "generator.safetensors")
-    assert any(not torch.equal(a, b) for a, b in zip(g_single.state_dict().values(), g_whole.state_dict().values()))
+    single, whole_g = g_single.state_dict(), g_whole.state_dict()
+    assert any(not torch.equal(single[k], whole_g[k]) for k in single)
     config = json.loads((tmp_path / "whole" / "generator.json").read_text())
     assert config["train_config"]["surrogate"]["grayscale_twin"] is True
