@@ -109,7 +109,12 @@ def build_attack_shards(src: Path, out: Path, size: int) -> None:
 
 def sweep_config(work: Path, size: int, train_sets: dict[str, Path], args: argparse.Namespace) -> Path:
     """One sweep per attacker size: every training set x ResNet-18 x the attacks, tested on clean faces."""
-    attack_rows = {"none": {"name": "none"}, "jpeg10": {"name": "jpeg10", "jpeg_quality": 10}}
+    attack_rows = {
+        "none": {"name": "none"},
+        "jpeg10": {"name": "jpeg10", "jpeg_quality": 10},
+        "grayscale": {"name": "grayscale", "grayscale": True},
+        "iss": {"name": "iss", "iss": True},
+    }
     cfg = {
         "name": f"scale_aware_{size}",
         "out": str(work / "eval" / f"size{size}"),
@@ -146,7 +151,7 @@ def main() -> None:
                    help="the README's protected 64 px shards: the reference row at 64 px ('' = leave out)")  # fmt: skip
     p.add_argument("--work", default="runs/scale_aware")
     p.add_argument("--sizes", type=int, nargs="+", default=[112, 64])
-    p.add_argument("--attacks", nargs="+", default=["none"], choices=["none", "jpeg10"])
+    p.add_argument("--attacks", nargs="+", default=["none"], choices=["none", "jpeg10", "grayscale", "iss"])
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument(
         "--upscale", type=int, default=0, help="protect the originals upscaled to N x N px (0 = as they are)"
