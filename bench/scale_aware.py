@@ -156,6 +156,7 @@ def main() -> None:
     p.add_argument(
         "--upscale", type=int, default=0, help="protect the originals upscaled to N x N px (0 = as they are)"
     )
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "bench/results/protection/scale_aware/lfw62.json"))
@@ -172,7 +173,8 @@ def main() -> None:
     timings["originals_s"] = time.perf_counter() - t0
 
     protected = {}
-    for name, flags in VARIANTS.items():
+    for name in args.variants:
+        flags = VARIANTS[name]
         out = work / "protected" / name
         t = time.perf_counter()
         if not (out / FOLDER_MANIFEST).is_file():
