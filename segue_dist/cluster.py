@@ -26,7 +26,6 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
-from segue_dist.checkpoint import file_sha256, load_state_strict, save_safetensors
 from segue_dist.config import ConfigError
 from segue_dist.data.assign import contiguous_split
 from segue_dist.data.loader import (
@@ -51,6 +50,7 @@ from segue_dist.utils import dist as dist_utils
 from segue_dist.utils.io import atomic_write_json, read_json, remove_stale_temps
 from segue_dist.utils.progress import console, make_progress, print_table
 from segue_dist.utils.seed import seed_everything
+from segue_dist.weights import file_sha256, load_state_strict, save_safetensors
 
 EXTRACTOR_FORMAT = "segue-extractor/1"
 DLIB = "dlib"  # --extractor value of the pretrained dlib face descriptor (segue_dist/models/face_dlib.py)

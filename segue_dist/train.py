@@ -13,7 +13,7 @@ trains, averaged across ranks) falls below `stop_loss`. Started again on the `ou
 line and writes nothing (`finished`); more `epochs`, or a `stop_loss` below the loss it stopped at, continue it.
 
 This module is the algorithm; the plumbing lives in segue_dist/training/: config, runtime (DDP / DeepSpeed `Runner`),
-build, checkpointing (exact resume), history (records, metrics.jsonl), summary (export, table).
+build, resume (exact-resume checkpoints), history (records, metrics.jsonl), summary (export, table).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from segue_dist.data.loader import train_loader
 from segue_dist.distortion import DistortionLayer
 from segue_dist.ops.losses import view_cross_entropy
 from segue_dist.training.build import TrainingSetup, build_models, build_surrogate, resolve_labels, setup_training
-from segue_dist.training.checkpointing import load_checkpoint, save_checkpoint, saved_position
 from segue_dist.training.config import (
     SCHEDULES,
     DataConfig,
@@ -46,6 +45,7 @@ from segue_dist.training.config import (
     distortion_at,
 )
 from segue_dist.training.history import EpochMeter, Logger, StepLosses
+from segue_dist.training.resume import load_checkpoint, save_checkpoint, saved_position
 from segue_dist.training.runtime import Runner, Runtime, average_buffers, make_runtime, to_float_images
 from segue_dist.training.summary import PAUSED, finish
 from segue_dist.utils.dist import is_main

@@ -19,11 +19,11 @@ from PIL import Image, ImageOps
 from test_protect import make_generator
 
 from segue_dist import protect
-from segue_dist.checkpoint import load_generator
 from segue_dist.protect.folder_mode import FolderProtector
 from segue_dist.protect.folder_records import load_journal
 from segue_dist.protect.perturber import Perturber
 from segue_dist.utils.io import read_json
+from segue_dist.weights import load_generator
 
 EPS = 8  # levels: floor(255 * 8/255)
 FACES_PER_ID = 8

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from segue_dist.checkpoint import CheckpointError, load_generator
 from segue_dist.config import ConfigError, load_config
 from segue_dist.train import TrainConfig, stage_of
+from segue_dist.weights import CheckpointError, load_generator
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -191,8 +191,8 @@ def test_deepspeed_paused_and_resumed_run_matches_uninterrupted(
 def test_exported_generator_loads_strictly(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from segue_dist.checkpoint import export_generator
     from segue_dist.models.generator import GeneratorConfig, SegueGenerator
+    from segue_dist.weights import export_generator
 
     generator = SegueGenerator(GeneratorConfig(num_classes=4, width=8, num_res_blocks=1))
     weights = export_generator(generator, tmp_path, label_map={"a": 0}, label_source="cls")

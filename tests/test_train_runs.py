@@ -16,8 +16,8 @@ import torch
 from train_testing import IDENTITIES, TINY, build_tiny_shards, run_train
 
 import segue_dist.train as train_module
-from segue_dist.checkpoint import label_map_hash, load_generator, load_state
 from segue_dist.train import TrainConfig, reason_to_stop
+from segue_dist.weights import label_map_hash, load_generator, load_state
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from segue_dist.checkpoint import file_sha256
 from segue_dist.data.assign import assign_shards
 from segue_dist.data.images import BadImage
 from segue_dist.protect.folder_records import (
@@ -47,6 +46,7 @@ from segue_dist.protect.photo import OpenedPhoto, PhotoFormat, PhotoResult, face
 from segue_dist.utils.device import cpus_per_process
 from segue_dist.utils.io import atomic_write_bytes
 from segue_dist.utils.progress import make_progress
+from segue_dist.weights import file_sha256
 
 # Face scale when the generator's JSON does not record its training size: the attacker's usual 112 px crop.
 DEFAULT_FACE_SIZE = 112

@@ -17,13 +17,13 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from segue_dist.checkpoint import generator_sha256, load_generator
 from segue_dist.protect.options import ProtectOptions, check_or_record_settings, delay_for_tests_s, resolve_batch_size
 from segue_dist.protect.perturber import Perturber
 from segue_dist.protect.quantise import eps_levels
 from segue_dist.utils import dist
 from segue_dist.utils.device import resolve_device
 from segue_dist.utils.progress import console
+from segue_dist.weights import generator_sha256, load_generator
 
 
 def refuse_in_place(inp: Path, out: Path) -> None:

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segue_dist.checkpoint import label_map_hash
 from segue_dist.data.loader import ShardSet
 from segue_dist.data.sidecar import read_sidecar
 from segue_dist.utils.device import cpus_per_process
 from segue_dist.utils.io import atomic_write_json, read_json
+from segue_dist.weights import label_map_hash
 
 # The generator halves the resolution twice and instance-normalises the bottleneck, so it needs sides >= 8 px.
 MIN_SIDE = 8

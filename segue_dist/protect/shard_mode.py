@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from segue_dist.checkpoint import file_sha256
 from segue_dist.data.assign import assign_shards
 from segue_dist.data.images import BadImage, decode_image
 from segue_dist.data.loader import ShardEnd, open_shard_set
@@ -50,6 +49,7 @@ from segue_dist.protect.perturber import make_thread_pool
 from segue_dist.protect.stream import Item, ProtectStream, SizeBuckets, iter_items
 from segue_dist.utils.io import atomic_write_bytes
 from segue_dist.utils.progress import make_progress
+from segue_dist.weights import file_sha256
 
 
 @dataclass

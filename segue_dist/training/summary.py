@@ -9,13 +9,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from segue_dist.checkpoint import export_generator, label_map_hash
 from segue_dist.config import to_dict
 from segue_dist.training.build import SideInformation
 from segue_dist.training.config import TrainConfig
 from segue_dist.training.runtime import Runner, Runtime
 from segue_dist.utils.io import atomic_write_json
 from segue_dist.utils.progress import console, print_table
+from segue_dist.weights import export_generator, label_map_hash
 
 PAUSED = "paused (max_epochs_this_run)"  # the stop reason of a run that will be resumed: nothing is exported
 
