@@ -6,9 +6,8 @@ segue_dist/weights.py), with each rank's distortion RNG and, in multi-process ru
 DeepSpeed: each engine writes its own checkpoint format (rank 0's module only); rank 0 adds `rank_buffers` (each
 rank's BatchNorm statistics) and, last, `position.json` with the position, the world size and the RNG states. The resume
 contract: a run resumed from any checkpoint (epoch end or every `checkpoint_every` steps) with the same world size is
-bit-identical to the uninterrupted run; another world size is refused. The checkpoint of the epoch a run ended on for
-good (all epochs run, or stopped on `stop_loss`) says so in its position's `stop` entry (`segue_dist/train.py`:
-`finished`), so that running it again does nothing.
+bit-identical to the uninterrupted run; another world size is refused. The position, and the `stop` entry of the
+checkpoint a run ended with for good, are `segue_dist/training/run_state.py`'s.
 """
 
 from __future__ import annotations
@@ -35,9 +34,7 @@ from segue_dist.weights import (
     unflatten_state,
 )
 
-# {"epoch": next epoch to run (from 1), "batch": batches of it done, "step": steps done}, and on the checkpoint of the
-# epoch a run ended with, "stop": {"reason": "epochs" | "stop_loss", "epochs": the epochs asked for, and for stop_loss
-# "f_loss": the loss it stopped at, "stop_loss": the threshold then}.
+# A checkpoint's place in the run: {"epoch", "batch", "step"} and, last of a finished run, "stop" (see run_state.py).
 Position = dict[str, Any]
 
 
