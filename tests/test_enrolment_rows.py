@@ -74,7 +74,11 @@ def test_enrolment_table_beside_the_trained_victim_and_not_a_robustness_group() 
         fake_row("segue", "dlib_enrolment", "enrolment", 90.0, enrolment=scores),
     ]
     table = enrolment_table(rows, "d")
-    assert table is not None and "not stopped" in table.note and "92.9%" in table.note
+    # The note compares the report's own clean and protected enrolment rows, never a fixed measurement.
+    assert table is not None and "dlib_enrolment: clean 90.0% vs segue 90.0%" in table.note
+    rows[3] = fake_row("segue", "dlib_enrolment", "enrolment", 41.5, enrolment=scores)
+    assert "clean 90.0% vs segue 41.5%" in enrolment_table(rows, "d").note
+    assert "in this report" not in enrolment_table(rows[:3], "d").note  # no protected row: nothing to compare
     assert [r[0] for r in table.rows] == ["clean", "segue"]
     assert table.rows[1][2:] == ["90.00", "91.00", "89.00", "25.00", "26.00 (1.0×)"]
     assert robustness_tables(rows, "d") == []  # the enrolment rows are not an attack family of the trained victim

@@ -104,8 +104,9 @@ def resolve_workers(opts: ProtectOptions, on_cuda: bool) -> tuple[int, int, int]
 
 
 def resolve_encode_backend(choice: str, fmt: str, encoders: int) -> str:
-    """PIL's zlib releases the GIL, so PNG encodes well in threads; its JPEG path mostly does not (16 threads ran
-    decode + encode 4x slower than 16 processes on a 16-core host), so several JPEG encoders are processes."""
+    """PIL's zlib releases the GIL, so PNG encodes well in threads; its JPEG path mostly does not (threads ran
+    decode + encode several times slower than processes: docs/measurements.md), so several JPEG encoders are
+    processes."""
     if choice != "auto":
         return choice
     return "process" if fmt == "jpeg" and encoders >= 4 else "thread"
