@@ -87,7 +87,7 @@ class FolderProtector(ProtectJob):
         super().__init__(opts)
         cfg = self.gen_cfg
         self.face_size = opts.face_size or training_face_size(self.gen_meta)
-        self.spec = PhotoFormat(opts.png_level, opts.jpeg_quality, self.levels)
+        self.spec = PhotoFormat(opts.png_level, opts.jpeg_quality, self.eps_levels)
         self.limit = 2 ** int(cfg.bits) if opts.allow_unseen_labels else int(cfg.num_classes)
         self.hint = "" if opts.allow_unseen_labels else f" (--allow-unseen-labels accepts up to {2**cfg.bits - 1})"
         self.threads = opts.threads or cpus_per_process()
@@ -104,7 +104,7 @@ class FolderProtector(ProtectJob):
             "output": str(self.out_dir),
             "generator_sha256": self.generator_sha,
             "eps": self.eps,
-            "eps_levels": self.levels,
+            "eps_levels": self.eps_levels,
             # The face scale changes every byte, so it is part of the format a resume must match.
             "format": f"as-input, delta at {self.face_size} px short side",
             "metadata": f"kept: {KEPT}" if self.opts.keep_metadata else "dropped",
