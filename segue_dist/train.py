@@ -100,11 +100,11 @@ def run_epoch(
     s.stream.set_epoch(run.epoch, skip_batches=run.resume_batches)
     t0 = time.perf_counter()
     batches = enumerate(train_loader(s.stream, s.workers), start=run.resume_batches)
-    for batch_index, (images, labels, skipped) in batches:
+    for batch_index, (images, labels, skipped_samples) in batches:
         x, y = to_float_images(images, s.rt), labels.to(s.rt.device, non_blocking=True)  # Algorithm 1, lines 3/10
         losses = take_step(stage, s, x, y, cfg)
         run.step += 1
-        meter.add(losses, skipped)
+        meter.add(losses, skipped_samples)
         advance(f"epoch {run.epoch} {stage}-stage loss {losses.loss:.4f}")
         if run.step % cfg.log_every == 0:
             logger.log(run.step, {**losses.logged(stage), "epoch": run.epoch})

@@ -392,9 +392,3 @@ def test_input_format_auto_detects_folders_and_shards(tmp_path: Path) -> None:
     assert not protect.is_folder_input(protect.ProtectOptions(inp=str(tmp_path / "split"), **opts))
     forced = protect.ProtectOptions(inp=str(tmp_path / "split"), input_format="folder", **opts)
     assert protect.is_folder_input(forced)
-
-
-def test_cli_help_says_metadata_is_dropped(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        protect.main(["--help"])
-    assert "METADATA" in capsys.readouterr().out
