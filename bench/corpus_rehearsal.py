@@ -175,8 +175,8 @@ def make_generator(folder: Path, label_map: dict[str, int]) -> Path:
     """The default config's G (width 16, 2 residual blocks), random weights: protect's mechanics need no training."""
     import torch
 
-    from segue_dist.checkpoint import export_generator
     from segue_dist.models.generator import GeneratorConfig, SegueGenerator
+    from segue_dist.weights import export_generator
 
     torch.manual_seed(0)
     generator = SegueGenerator(GeneratorConfig(num_classes=len(label_map), width=16, num_res_blocks=2))

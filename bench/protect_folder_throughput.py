@@ -46,12 +46,12 @@ sys.path.insert(0, str(REPO))
 from protect_throughput import machine_info, make_generator, write_results  # noqa: E402
 
 from segue_dist import protect  # noqa: E402
-from segue_dist.checkpoint import load_generator  # noqa: E402
 from segue_dist.data.synthetic import generate_corpus  # noqa: E402
 from segue_dist.protect.photo import encode_photo, open_photo  # noqa: E402
 from segue_dist.utils.device import cpus_per_process  # noqa: E402
 from segue_dist.utils.io import atomic_write_bytes  # noqa: E402
 from segue_dist.utils.progress import console, print_table  # noqa: E402
+from segue_dist.weights import load_generator  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 IDENTITIES = 8

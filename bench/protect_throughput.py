@@ -54,7 +54,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from segue_dist import protect  # noqa: E402
-from segue_dist.checkpoint import export_generator  # noqa: E402
 from segue_dist.config import load_config  # noqa: E402
 from segue_dist.data.images import decode_image, encode_jpeg  # noqa: E402
 from segue_dist.data.loader import iter_tar_samples  # noqa: E402
@@ -64,6 +63,7 @@ from segue_dist.training.config import TrainConfig  # noqa: E402
 from segue_dist.utils.device import cpus_per_process  # noqa: E402
 from segue_dist.utils.io import atomic_write_json, read_json  # noqa: E402
 from segue_dist.utils.progress import console, print_table  # noqa: E402
+from segue_dist.weights import export_generator  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 FORMATS: list[tuple[str, dict[str, Any]]] = [
@@ -201,7 +201,7 @@ def g_only_rate(
     """images/s of G alone (quantised, no codecs), run as protect runs it: on CUDA batches from the main thread; on
     the CPU batches of ``batch`` on ``cores`` threads of one intra-op thread each (``per_image``: one image per
     forward in fp32, the path shard mode took before it was batched)."""
-    from segue_dist.checkpoint import load_generator
+    from segue_dist.weights import load_generator
 
     generator, _ = load_generator(generator_dir, device)
     perturber = protect.Perturber(generator, torch.device(device), 8, "fp32" if per_image else precision)

@@ -108,9 +108,9 @@ def protect_segue(
     images: torch.Tensor, labels: torch.Tensor, num_classes: int, args: argparse.Namespace
 ) -> torch.Tensor:
     """Train G with the real `segue train` (one process, in this interpreter), then protect the set with it."""
-    from segue_dist.checkpoint import load_generator
     from segue_dist.config import load_config
     from segue_dist.train import TrainConfig, train
+    from segue_dist.weights import load_generator
 
     out = Path(args.work) / args.name / f"seed{args.seed}"
     overrides = [

@@ -43,11 +43,11 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from segue_dist.checkpoint import file_sha256  # noqa: E402
 from segue_dist.demo import run_rows_in_parallel  # noqa: E402
 from segue_dist.protect import FOLDER_MANIFEST  # noqa: E402
 from segue_dist.utils.io import atomic_write_json, read_json  # noqa: E402
 from segue_dist.utils.progress import console, print_table  # noqa: E402
+from segue_dist.weights import file_sha256  # noqa: E402
 
 # Folder-mode variants: name -> `segue protect` flags. 4096 px is above any LFW photo, so G runs at the photo's size.
 VARIANTS = {"face_scale": [], "full_size": ["--face-size", "4096"]}

@@ -10,10 +10,11 @@ distortion layer and ŷ the true label (`.cls`) or a pseudo-label from a sidecar
 x + δ as ŷ) and G otherwise (`g_step`, against the frozen f). `schedule: joint` takes one step of both on every batch
 (`joint_step`). Training stops after `epochs`, or when f's loss on the unlearnable examples (an epoch in which f
 trains, averaged across ranks) falls below `stop_loss`. Started again on the `out` of a finished run, it prints one
-line and writes nothing (`finished`); more `epochs`, or a `stop_loss` below the loss it stopped at, continue it.
+line and writes nothing; more `epochs`, or a `stop_loss` below the loss it stopped at, continue it.
 
-This module is the algorithm; the plumbing lives in segue_dist/training/: config, runtime (DDP / DeepSpeed `Runner`),
-build, checkpointing (exact resume), history (records, metrics.jsonl), summary (export, table).
+This module is the algorithm: `train` (resume, the epoch loop, finish), then the steps and the schedule. The plumbing
+lives in segue_dist/training/: config, runtime (DDP / DeepSpeed `Runner`), build, run_state (where a run stands, why
+it stops), resume (exact-resume checkpoints), history (records, metrics.jsonl), summary (export, table).
 """
 
 from __future__ import annotations
@@ -23,20 +24,17 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from segue_dist.config import ConfigError, load_config, save_resolved
 from segue_dist.data.loader import train_loader
 from segue_dist.distortion import DistortionLayer
 from segue_dist.ops.losses import view_cross_entropy
-from segue_dist.training.build import TrainingSetup, build_models, build_surrogate, resolve_labels, setup_training
-from segue_dist.training.checkpointing import load_checkpoint, save_checkpoint, saved_position
+from segue_dist.training.build import TrainingSetup, build_models, build_surrogate, resolve_side_info, setup_training
 from segue_dist.training.config import (
     SCHEDULES,
     DataConfig,
@@ -46,8 +44,10 @@ from segue_dist.training.config import (
     distortion_at,
 )
 from segue_dist.training.history import EpochMeter, Logger, StepLosses
+from segue_dist.training.resume import load_checkpoint, save_checkpoint
+from segue_dist.training.run_state import RunState
 from segue_dist.training.runtime import Runner, Runtime, average_buffers, make_runtime, to_float_images
-from segue_dist.training.summary import PAUSED, finish
+from segue_dist.training.summary import finish
 from segue_dist.utils.dist import is_main
 from segue_dist.utils.io import read_json
 from segue_dist.utils.progress import console, make_progress
@@ -58,83 +58,61 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run Algorithm 1 (resuming from the last checkpoint when ``cfg.resume``); returns the summary: epochs run,
     per-epoch history (segue_dist/training/history.py), stop reason, where the generator was exported.
 
-    A run whose last checkpoint is finished (`finished`) is left as it is: one line says so and the summary it wrote
-    is returned, no file is written. If its export is missing (killed after the last checkpoint), G is exported from
-    that checkpoint without training.
+    A run whose last checkpoint finished it (`RunState.finished`) is left as it is: one line says so and the summary
+    it wrote is returned, no file is written. If its export is missing (killed after the last checkpoint), G is
+    exported from that checkpoint without training.
     """
-    done = finished(cfg) if cfg.resume else None
-    if done is not None and done.exported:
+    run = RunState.saved(cfg)
+    if run.finished and run.exported(cfg):
         if is_main():
-            console.print(done.message, soft_wrap=True, highlight=False, markup=False)
+            console.print(run.finished_line(cfg), soft_wrap=True, highlight=False, markup=False)
         return read_json(Path(cfg.out) / "train_summary.json")
     s = setup_training(cfg)
     if s.rt.is_main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, cfg.out)
-    position = load_checkpoint(s.g, s.f, s.rng, cfg, s.rt) if cfg.resume else None
-    start_epoch, skip, step = (position["epoch"], position["batch"], position["step"]) if position else (1, 0, 0)
-    last_epoch = start_epoch - 1 if done else cfg.epochs  # finished but not exported: export only
+    if cfg.resume:
+        load_checkpoint(s.g, s.f, s.rng, cfg, s.rt)  # the weights, optimisers and RNGs at `run`'s position
     logger, history = Logger(cfg, s.rt), []
     if s.rt.is_main:
-        console.print(describe(s, cfg))
-        if done:
-            note = f"{cfg.out}: {done.state}, but its generator is not exported: exporting it"
-            console.print(note, soft_wrap=True, markup=False)
-    stop_reason = done.stop_reason if done else "epochs"
-    epochs_this_run = 0
-    with make_progress(disable=not s.rt.is_main or last_epoch < start_epoch) as progress:
-        task = progress.add_task("train", total=(last_epoch - start_epoch + 1) * s.batches, completed=skip)
-        for epoch in range(start_epoch, last_epoch + 1):  # Algorithm 1, line 1
-            stage = stage_of(epoch, cfg.f_every, cfg.schedule)
-            begin_epoch(s, cfg, epoch, stage, resumed_mid_epoch=skip > 0)
-            record, step = run_epoch(
-                s, cfg, epoch, stage, skip, step, logger, lambda info: progress.update(task, advance=1, info=info)
-            )
+        print_banner(s, cfg, run)
+    with make_progress(disable=not s.rt.is_main or not run.epochs_left(cfg)) as progress:
+        task = progress.add_task("train", total=run.epochs_left(cfg) * s.batches, completed=run.resume_batches)
+        while run.epochs_left(cfg):  # Algorithm 1, line 1
+            stage = stage_of(run.epoch, cfg.f_every, cfg.schedule)
+            begin_epoch(s, cfg, run.epoch, stage, resumed_mid_epoch=run.resume_batches > 0)
+            record = run_epoch(s, cfg, run, stage, logger, lambda info: progress.update(task, advance=1, info=info))
             history.append(record)
-            logger.log_epoch(step, record)
-            skip = 0
-            epochs_this_run += 1
-            reason = reason_to_stop(record, cfg, epoch, epochs_this_run)
-            end = end_of_run(record, cfg, epoch, reason)
-            save_checkpoint(s.g, s.f, {"epoch": epoch + 1, "batch": 0, "step": step, **end}, s.rng, cfg, s.rt)
-            if reason:
-                stop_reason = reason
-                break
+            logger.log_epoch(run.step, record)
+            run.end_epoch(record, cfg)  # the stop rule
+            save_checkpoint(s.g, s.f, run.position(), s.rng, cfg, s.rt)
     logger.close()
-    summary = finish(s.g, cfg, s.rt, history, stop_reason, start_epoch - 1 + epochs_this_run, step, s.labels)
-    if s.rt.world_size > 1:
-        dist.barrier()
-    return summary
+    return finish(s.g, cfg, s.rt, history, run, s.side_info)
 
 
 def run_epoch(
-    s: TrainingSetup,
-    cfg: TrainConfig,
-    epoch: int,
-    stage: str,
-    skip: int,
-    step: int,
-    logger: Logger,
-    advance: Callable[[str], None],
-) -> tuple[dict[str, Any], int]:
-    """One epoch of ``stage`` from batch ``skip`` (a resumed run fast-forwards); returns (history record, steps so
-    far). Checkpoints every ``checkpoint_every`` steps inside the epoch; the epoch-end checkpoint is the caller's."""
+    s: TrainingSetup, cfg: TrainConfig, run: RunState, stage: str, logger: Logger, advance: Callable[[str], None]
+) -> dict[str, Any]:
+    """One epoch of ``stage`` from ``run``'s position (a resumed run fast-forwards past ``run.resume_batches``),
+    counting ``run.step``; returns its history record. Checkpoints every ``checkpoint_every`` steps inside the
+    epoch; the epoch-end checkpoint is the caller's."""
     meter = EpochMeter(stage)
-    s.stream.set_epoch(epoch, skip_batches=skip)
+    s.stream.set_epoch(run.epoch, skip_batches=run.resume_batches)
     t0 = time.perf_counter()
-    for batch_index, (images, labels, skipped) in enumerate(train_loader(s.stream, s.workers), start=skip):
+    batches = enumerate(train_loader(s.stream, s.workers), start=run.resume_batches)
+    for batch_index, (images, labels, skipped_samples) in batches:
         x, y = to_float_images(images, s.rt), labels.to(s.rt.device, non_blocking=True)  # Algorithm 1, lines 3/10
         losses = take_step(stage, s, x, y, cfg)
-        step += 1
-        meter.add(losses, skipped)
-        advance(f"epoch {epoch} {stage}-stage loss {losses.loss:.4f}")
-        if step % cfg.log_every == 0:
-            logger.log(step, {**losses.logged(stage), "epoch": epoch})
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch_index + 1 < s.batches:
-            save_checkpoint(s.g, s.f, {"epoch": epoch, "batch": batch_index + 1, "step": step}, s.rng, cfg, s.rt)
+        run.step += 1
+        meter.add(losses, skipped_samples)
+        advance(f"epoch {run.epoch} {stage}-stage loss {losses.loss:.4f}")
+        if run.step % cfg.log_every == 0:
+            logger.log(run.step, {**losses.logged(stage), "epoch": run.epoch})
+        if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and batch_index + 1 < s.batches:
+            save_checkpoint(s.g, s.f, run.position(batch=batch_index + 1), s.rng, cfg, s.rt)
     if stage != "g":
         average_buffers(s.f.module, s.rt)  # f must be one function on every rank before G trains against it
-    return meter.record(epoch, s.rt, cfg.data.batch_size, time.perf_counter() - t0), step
+    return meter.record(run.epoch, s.rt, cfg.data.batch_size, time.perf_counter() - t0)
 
 
 def take_step(stage: str, s: TrainingSetup, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> StepLosses:
@@ -146,77 +124,6 @@ def take_step(stage: str, s: TrainingSetup, x: torch.Tensor, y: torch.Tensor, cf
     objective, ce, l2 = step_fn(s.g, s.f, s.distortion, x, y, cfg, s.rt, s.rng)
     f_ce = ce if stage == "joint" else None  # in a G step f is frozen: its CE is G's objective, not f's training loss
     return StepLosses(loss=objective, f_ce_on_unlearnable=f_ce, g_objective=objective, g_ce=ce, delta_l2=l2)
-
-
-def reason_to_stop(record: dict[str, Any], cfg: TrainConfig, epoch: int, epochs_this_run: int) -> str | None:
-    """Why training ends after this epoch, or None. The loss test is the paper's (section III-D): f's loss on the
-    unlearnable examples, so only an epoch in which f trained can meet it."""
-    f_loss = record["f_ce_on_unlearnable"]
-    if f_loss is not None and f_loss < cfg.stop_loss:
-        return loss_stop_reason(f_loss, cfg.stop_loss)
-    if cfg.max_epochs_this_run and epochs_this_run >= cfg.max_epochs_this_run and epoch < cfg.epochs:
-        return PAUSED
-    return None
-
-
-def loss_stop_reason(f_loss: float, stop_loss: float) -> str:
-    return f"f's loss on unlearnable examples {f_loss:.2e} < {stop_loss:g}"
-
-
-def end_of_run(record: dict[str, Any], cfg: TrainConfig, epoch: int, reason: str | None) -> dict[str, Any]:
-    """What the checkpoint after ``epoch`` adds to its position when the run ends there for good (the loss test's
-    ``reason``, or the last epoch): ``{"stop": ...}``, which `finished` reads when the run is started again; else {}."""
-    if reason == PAUSED or (reason is None and epoch < cfg.epochs):
-        return {}
-    if reason is None:
-        return {"stop": {"reason": "epochs", "epochs": cfg.epochs}}
-    f_loss = record["f_ce_on_unlearnable"]
-    return {"stop": {"reason": "stop_loss", "epochs": cfg.epochs, "f_loss": f_loss, "stop_loss": cfg.stop_loss}}
-
-
-@dataclass
-class Finished:
-    """A finished run found under ``out`` (see `finished`)."""
-
-    state: str  # "finished (12/12 epochs, stopped: epochs)"
-    stop_reason: str  # as train_summary.json words it
-    message: str  # the one line a rerun prints
-    exported: bool  # its generator and train_summary.json are written
-
-
-def finished(cfg: TrainConfig) -> Finished | None:
-    """Whether ``cfg.out``'s last checkpoint ends the run that ``cfg`` asks for, or None when there is more to train.
-
-    It does when it is at an epoch end and either all of ``cfg.epochs`` have run or the run stopped on the loss test
-    at a loss still below ``cfg.stop_loss`` (so a lower stop_loss, e.g. 0, which never stops early, continues it).
-    Reads JSON only: no model is built and no process group joined. A checkpoint written before runs recorded their
-    stop knows only its epochs: such a run stopped on stop_loss continues.
-    """
-    position = saved_position(cfg)
-    if position is None or position["batch"]:
-        return None
-    done = position["epoch"] - 1
-    stop = position.get("stop") or {"reason": "epochs", "epochs": done}
-    hints = []
-    if done >= cfg.epochs:
-        hints.append(f"raise epochs=N (N > {done})")
-    if stop["reason"] == "stop_loss" and stop["f_loss"] < cfg.stop_loss:
-        hints.append(f"lower stop_loss below {stop['f_loss']:.2e} (stop_loss=0 never stops early)")
-    if not hints:
-        return None
-    reason = "epochs" if stop["reason"] == "epochs" else loss_stop_reason(stop["f_loss"], stop["stop_loss"])
-    state = f"finished ({done}/{stop['epochs']} epochs, stopped: {reason})"
-    message = f"{cfg.out} is {state}; nothing to do — {' and '.join(hints)} to train further, or choose a new out="
-    return Finished(state, reason, message, exported=was_exported(cfg, done))
-
-
-def was_exported(cfg: TrainConfig, epochs_run: int) -> bool:
-    """Whether the run under ``cfg.out`` wrote its generator and, last, a summary of its end after ``epochs_run``."""
-    summary_path = Path(cfg.out) / "train_summary.json"
-    if not summary_path.is_file() or not (Path(cfg.out) / "generator.json").is_file():
-        return False
-    summary = read_json(summary_path)
-    return summary.get("last_epoch") == epochs_run and summary.get("stop_reason") != PAUSED
 
 
 # ------------------------------------------------------------------------------------------------------ the steps
@@ -324,7 +231,7 @@ def begin_epoch(s: TrainingSetup, cfg: TrainConfig, epoch: int, stage: str, resu
     if cfg.curriculum.from_epoch:
         s.distortion = DistortionLayer(distortion_at(cfg, epoch)).to(s.rt.device)
     if not resumed_mid_epoch and resets_surrogate(epoch, cfg):  # a mid-epoch checkpoint already holds the fresh f
-        reset_surrogate(s.f, cfg, s.labels.num_classes, epoch)
+        reset_surrogate(s.f, cfg, s.side_info.num_classes, epoch)
     if stage != "g":
         s.f.set_lr(lr_at(epoch, cfg.optim.lr_f, cfg))
     if stage != "f":
@@ -364,15 +271,17 @@ def set_requires_grad(module: nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def describe(s: TrainingSetup, cfg: TrainConfig) -> str:
-    """The run's one-line banner."""
+def print_banner(s: TrainingSetup, cfg: TrainConfig, run: RunState) -> None:
+    """The run's one-line banner, and for a finished run whose export is missing, that it is exported now."""
     rt = s.rt
-    return (
-        f"[bold]segue train[/]: {s.num_samples} samples, K={s.labels.num_classes} ({s.labels.source}), "
+    console.print(
+        f"[bold]segue train[/]: {s.num_samples} samples, K={s.side_info.num_classes} ({s.side_info.source}), "
         f"{rt.world_size} process(es) on {rt.device.type}{' with DeepSpeed' if rt.deepspeed else ''}, "
         f"{s.batches} batches of {cfg.data.batch_size} per process per epoch, "
         f"{s.workers} loader worker(s) per process{f' ({s.workers_note})' if s.workers_note else ''}"
     )
+    if run.finished:
+        console.print(run.export_note(cfg), soft_wrap=True, markup=False)
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -400,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # Public names of this module before the plumbing moved to segue_dist/training/ (tests, bench/ and users import them).
 __all__ = [
     "SCHEDULES", "DataConfig", "OptimConfig", "Runner", "Runtime", "SurrogateConfig", "TrainConfig", "build_models",
-    "error_minimising_loss", "f_step", "g_step", "joint_step", "lr_at", "main", "make_runtime", "resolve_labels",
+    "error_minimising_loss", "f_step", "g_step", "joint_step", "lr_at", "main", "make_runtime", "resolve_side_info",
     "set_requires_grad", "stage_of", "train",
 ]  # fmt: skip
 

@@ -192,7 +192,11 @@ def test_lsp_too_coarse_grid_for_classes() -> None:
 
 
 def test_lsp_perturbations_are_linearly_separable() -> None:
-    """A linear probe trained on delta alone generalises to held-out draws (LSP), not for sample-wise noise."""
+    """A linear probe trained on delta alone generalises to held-out draws (LSP), not for sample-wise noise.
+
+    Bound: on the project's 2-core AMD EPYC, with torch's AVX-512 and AVX2 kernels alike, the probe scored 1.0 on LSP's
+    held-out draws and 0.15 on random noise's (chance 0.125): 0.95 and 0.4 are far from both.
+    """
     from sklearn.linear_model import LogisticRegression
 
     n_cls, per = 8, 30

@@ -74,7 +74,11 @@ def test_enrolment_table_beside_the_trained_victim_and_not_a_robustness_group() 
         fake_row("segue", "dlib_enrolment", "enrolment", 90.0, enrolment=scores),
     ]
     table = enrolment_table(rows, "d")
-    assert table is not None and "not stopped" in table.note and "92.9%" in table.note
+    # The note compares the report's own clean and protected enrolment rows, never a fixed measurement.
+    assert table is not None and "dlib_enrolment: clean 90.0% vs segue 90.0%" in table.note
+    rows[3] = fake_row("segue", "dlib_enrolment", "enrolment", 41.5, enrolment=scores)
+    assert "clean 90.0% vs segue 41.5%" in enrolment_table(rows, "d").note
+    assert "in this report" not in enrolment_table(rows[:3], "d").note  # no protected row: nothing to compare
     assert [r[0] for r in table.rows] == ["clean", "segue"]
     assert table.rows[1][2:] == ["90.00", "91.00", "89.00", "25.00", "26.00 (1.0×)"]
     assert robustness_tables(rows, "d") == []  # the enrolment rows are not an attack family of the trained victim
@@ -99,6 +103,9 @@ def lfw_split(faces_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @needs_dlib
 @pytest.mark.realdata
 def test_sweep_enrolment_rows_on_real_faces(lfw_split: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bound: on the project's 2-core AMD EPYC (AVX-512) dlib's nearest neighbour identified all 18 clean probes
+    (100%, chance 16.7%), and all 18 again after ±8/255 random noise; dlib runs its own kernels, not torch's, and the
+    60% bound leaves room for a worse draw of photos at 64 px."""
     from segue_dist.report.render import write_report
 
     cfg = sweep_config(tmp_path / "eval", str(lfw_split / "train"), str(lfw_split / "test"))

@@ -72,6 +72,8 @@ def blobs() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backends_recover_blobs(backend: str, blobs: tuple[np.ndarray, np.ndarray]) -> None:
+    """Bound: torch and FAISS both measured 1.0 with AVX-512 and AVX2 kernels (the project's 2-core AMD EPYC); 0.99
+    allows one stray point in a hundred."""
     x, y = blobs
     res = fit_kmeans(x, KMeansConfig(k=20, backend=backend, nredo=3, gpu="never"))
     assert res.backend == backend
@@ -85,6 +87,8 @@ def test_backends_recover_blobs(backend: str, blobs: tuple[np.ndarray, np.ndarra
 
 
 def test_random_init_and_l2_mode_recover_blobs(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+    """Bound: measured 0.954 with AVX-512 and AVX2 kernels alike (the project's 2-core AMD EPYC); the 0.95 bound
+    has less than half a point of margin, so a change that makes it fail deserves a look before the bound moves."""
     x, y = blobs
     res = fit_kmeans(x, KMeansConfig(k=20, backend="torch", spherical=False, init="random", nredo=8))
     assert cluster_accuracy(y, res.labels) >= 0.95

@@ -23,7 +23,6 @@ import webdataset as wds
 from PIL import Image
 
 from segue_dist import protect
-from segue_dist.checkpoint import export_generator
 from segue_dist.data.images import decode_image, encode_jpeg, encode_png
 from segue_dist.data.loader import iter_tar_samples
 from segue_dist.data.sidecar import write_sidecar
@@ -31,6 +30,7 @@ from segue_dist.data.synthetic import generate_corpus
 from segue_dist.models.generator import GeneratorConfig, SegueGenerator
 from segue_dist.shards import ShardsConfig, build_shards
 from segue_dist.utils.io import read_json
+from segue_dist.weights import export_generator
 
 REPO = Path(__file__).resolve().parents[1]
 EPS_LEVELS = 8  # floor(255 * 8/255)

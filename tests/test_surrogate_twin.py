@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from train_testing import build_tiny_shards, run_train
 
 import segue_dist.train as train_module
-from segue_dist.checkpoint import load_generator, load_state
 from segue_dist.distortion import to_grayscale
 from segue_dist.models import build_classifier
 from segue_dist.models.surrogate import GrayscaleTwin, view_cross_entropy
+from segue_dist.weights import load_generator, load_state
 
 TWIN = "surrogate.grayscale_twin=true"
 

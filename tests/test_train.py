@@ -8,12 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from segue_dist.checkpoint import CheckpointError, load_generator
 from segue_dist.config import ConfigError, load_config
 from segue_dist.train import TrainConfig, stage_of
+from segue_dist.weights import CheckpointError, load_generator
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -122,7 +123,9 @@ def ddp_run(glint_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_ddp_two_processes_train_in_sync_and_learn(ddp_run: tuple[Path, dict]) -> None:
+def test_ddp_two_processes_train_in_sync_and_learn(ddp_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """Bound: f's loss fell from 3.216 to 2.718 (to 0.85 of the first), measured with AVX-512 kernels on the
+    project's 2-core AMD EPYC, bit for bit the same under DeepSpeed; the 5% fall asked for is under a third of that."""
     out, summary = ddp_run
     assert summary["world_size"] == 2
     assert summary["ranks_in_sync"] is True
@@ -132,9 +135,56 @@ def test_ddp_two_processes_train_in_sync_and_learn(ddp_run: tuple[Path, dict]) -
     assert history[2]["f_ce_on_unlearnable"] < history[0]["f_ce_on_unlearnable"] * 0.95
     generator, meta = load_generator(out / "generator.safetensors")
     assert meta["num_classes"] == 24 and meta["label_source"] == "cls"
-    x = torch.rand(3, 3, 32, 32)
-    delta = generator(x, torch.tensor([0, 5, 23]))
-    assert delta.abs().max() <= meta["eps"] + 1e-6
+    assert_protected_files_within_eps(generator, meta["eps"], [0, 5, 23], tmp_path)
+
+
+def assert_protected_files_within_eps(generator: torch.nn.Module, eps: float, labels: list[int], out: Path) -> int:
+    """Protect random 32 px images with ``generator`` through `segue protect`'s own path (`Perturber`: G and the
+    integer quantiser; `encode_image`: PNG), write each file, decode it back from disk and compare it with its
+    original: no pixel past round(255·ε) levels, and every image moved somewhere (a G that outputs 0, or a quantiser
+    that drops δ, fails). Returns the largest move in levels."""
+    from segue_dist.data.images import decode_image
+    from segue_dist.protect import Perturber, eps_levels
+    from segue_dist.protect.codecs import EncodeSpec, encode_image
+
+    rng = torch.Generator().manual_seed(0)
+    originals = torch.randint(0, 256, (len(labels), 32, 32, 3), dtype=torch.uint8, generator=rng)
+    perturber = Perturber(generator, torch.device("cpu"), eps_levels(eps), precision="fp32")
+    protected = perturber(originals, torch.tensor(labels)).numpy()
+    spec = EncodeSpec("png", png_level=1, jpeg_quality=95, eps_levels=eps_levels(eps))
+    moves = []
+    for i, (image, original) in enumerate(zip(protected, originals.numpy(), strict=True)):
+        path = out / f"protected_{i}.png"
+        path.write_bytes(encode_image(image, spec))
+        written = np.asarray(decode_image(path.read_bytes()), dtype=np.int16)
+        moves.append(int(np.abs(written - original.astype(np.int16)).max()))
+    assert max(moves) <= round(255 * eps), moves
+    assert min(moves) > 0, f"no pixel moved in some protected file: {moves}"
+    return max(moves)
+
+
+class ConstantDelta(torch.nn.Module):
+    """A stand-in G whose δ is ``value`` everywhere, whatever the image."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x, self.value)
+
+
+def test_protected_files_stay_within_eps_and_carry_the_generators_delta(tmp_path: Path) -> None:
+    from segue_dist.models.generator import GeneratorConfig, SegueGenerator
+
+    torch.manual_seed(0)
+    generator = SegueGenerator(GeneratorConfig(num_classes=4, width=8, num_res_blocks=1))
+    assert_protected_files_within_eps(generator, generator.config.eps, [0, 1, 2, 3], tmp_path)
+    # The bound is the quantiser's, not G's: a δ of 3ε reaches the files as exactly ε.
+    assert assert_protected_files_within_eps(ConstantDelta(3 * 8 / 255), 8 / 255, [0, 1], tmp_path) == 8
+    # A G that outputs nothing is caught: the files equal their originals.
+    with pytest.raises(AssertionError, match="no pixel moved"):
+        assert_protected_files_within_eps(ConstantDelta(0.0), 8 / 255, [0, 1], tmp_path)
 
 
 def assert_pause_and_resume_match(config: str, reference: tuple[Path, dict], shards: Path, out: Path) -> None:
@@ -191,8 +241,8 @@ def test_deepspeed_paused_and_resumed_run_matches_uninterrupted(
 def test_exported_generator_loads_strictly(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from segue_dist.checkpoint import export_generator
     from segue_dist.models.generator import GeneratorConfig, SegueGenerator
+    from segue_dist.weights import export_generator
 
     generator = SegueGenerator(GeneratorConfig(num_classes=4, width=8, num_res_blocks=1))
     weights = export_generator(generator, tmp_path, label_map={"a": 0}, label_source="cls")
@@ -258,6 +308,8 @@ def _surrogate_ce(g, f, x, y) -> float:
 
 
 def test_g_step_lowers_the_frozen_surrogates_loss_on_the_protected_batch() -> None:
+    """Bound: 10 steps took the frozen f's CE from 1.406 to 1.224 with AVX-512 kernels and to 1.194 with AVX2 kernels
+    (the project's 2-core AMD EPYC); the 0.05 asked for is under a third of the smaller drop."""
     from segue_dist.train import g_step, set_requires_grad
 
     cfg, rt, g, f, distortion, x, y = _step_fixture("alternate")
@@ -275,6 +327,8 @@ def test_g_step_lowers_the_frozen_surrogates_loss_on_the_protected_batch() -> No
 
 
 def test_joint_step_lowers_the_loss_and_updates_both_players() -> None:
+    """Bound: 15 steps took the CE from 1.53 to about 1e-4 with AVX-512 and AVX2 kernels alike (the project's 2-core
+    AMD EPYC); 0.7 of the first is far above that."""
     from segue_dist.train import joint_step
 
     cfg, rt, g, f, distortion, x, y = _step_fixture("joint")

@@ -16,8 +16,9 @@ import torch
 from train_testing import IDENTITIES, TINY, build_tiny_shards, run_train
 
 import segue_dist.train as train_module
-from segue_dist.checkpoint import label_map_hash, load_generator, load_state
-from segue_dist.train import TrainConfig, reason_to_stop
+from segue_dist.train import TrainConfig
+from segue_dist.training.run_state import StopReason, stop_after
+from segue_dist.weights import label_map_hash, load_generator, load_state
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -145,10 +146,15 @@ def test_history_names_f_loss_and_g_objective_apart(tiny_shards: Path, tmp_path:
 def test_stop_loss_tests_fs_loss_on_unlearnable_examples_only() -> None:
     cfg = TrainConfig(stop_loss=1e-3, epochs=10)
     g_epoch = {"stage": "g", "f_ce_on_unlearnable": None, "g_objective": 1e-5, "g_ce": 1e-5, "delta_l2": 0.0}
-    assert reason_to_stop(g_epoch, cfg, epoch=2, epochs_this_run=2) is None  # G's own CE is not f's loss
+    assert stop_after(g_epoch, cfg, epoch=2, epochs_this_run=2) is None  # G's own CE is not f's loss
     f_epoch = {"stage": "f", "f_ce_on_unlearnable": 5e-4, "g_objective": None, "g_ce": None, "delta_l2": None}
-    assert "f's loss on unlearnable examples" in reason_to_stop(f_epoch, cfg, epoch=6, epochs_this_run=6)
-    assert reason_to_stop({**f_epoch, "f_ce_on_unlearnable": 2e-3}, cfg, epoch=6, epochs_this_run=6) is None
+    assert stop_after(f_epoch, cfg, epoch=6, epochs_this_run=6) is StopReason.STOP_LOSS
+    assert stop_after({**f_epoch, "f_ce_on_unlearnable": 2e-3}, cfg, epoch=6, epochs_this_run=6) is None
+    assert stop_after(g_epoch, cfg, epoch=10, epochs_this_run=10) is StopReason.EPOCHS
+    # max_epochs_this_run pauses a run before its last epoch, never at it.
+    cfg = TrainConfig(stop_loss=1e-3, epochs=10, max_epochs_this_run=2)
+    assert stop_after(g_epoch, cfg, epoch=4, epochs_this_run=2) is StopReason.PAUSED
+    assert stop_after(g_epoch, cfg, epoch=10, epochs_this_run=2) is StopReason.EPOCHS
 
 
 # ---------------------------------------------------------------------------------------- another world size

@@ -8,7 +8,7 @@ alternating, as the official ``perturbation.py`` does:
 (b) update ``delta`` by ``pgd_steps`` of sign-gradient *descent* on the CE loss (step ``eps / 10``), projecting onto
     the eps-ball and onto valid images after every step, with the surrogate frozen in eval mode;
 (c) measure the surrogate's accuracy on ``clamp(x + delta, 0, 1)`` (eval mode) and stop once it reaches ``stop_acc``
-    (official: 99% sample-wise) or after ``max_rounds``.
+    (official: 0.99 sample-wise) or after ``max_rounds``.
 
 Modes:
 
@@ -17,7 +17,7 @@ Modes:
   respect to the *shared* pattern, i.e. of the gradient averaged over the batch's images of that class. (The official
   code instead runs PGD per image and sets the class noise to the mean of the per-image results; taking the sign of the
   mean gradient is the same min-min objective without the dilution, and what "universal" noise means.) Batches are
-  shuffled each round. Official class-wise runs use 1 PGD step per batch and stop at 90% accuracy; pass
+  shuffled each round. Official class-wise runs use 1 PGD step per batch and stop at accuracy 0.9; pass
   ``pgd_steps=1, stop_acc=0.9`` to mimic them.
 
 Initial delta is zero as in the official default (``random_start=True`` draws ``U(-eps, eps)`` instead).
@@ -64,7 +64,7 @@ class UEConfig:
     pgd_steps: int = 10  # paper: 20 sample-wise, 1 per batch class-wise
     train_steps: int = 10  # surrogate mini-batches per round (official)
     max_rounds: int = 30
-    stop_acc: float = 0.99  # official sample-wise stop: train error <= 1%
+    stop_acc: float = 0.99  # official sample-wise stop: train error <= 0.01
     batch_size: int = 128  # official 512 on CIFAR-10
     lr: float = 0.1
     momentum: float = 0.9

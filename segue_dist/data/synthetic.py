@@ -105,9 +105,7 @@ CAMERA_CAST = 12.0
 CAMERA_NOISE = (2.0, 5.0)
 # Share of a random colour in the backdrop (the rest is mid-grey) and in the shirt: per-shot colour that is no cue.
 # Muted, as behind aligned face crops: saturated random backdrops and shirts (0.4 / 1.0) put so much per-image
-# colour into the image's corners that no coarse 8/255 pattern is learned before the identities (measured, 10 x 200
-# at 32 px, 8-epoch ResNet-18: fixed class-wise 2x2 colour blocks 40% against 46% clean with them, 30% against 51%
-# muted; Segue 27% and 19%).
+# colour into the image's corners that no coarse 8/255 pattern is learned before the identities (docs/measurements.md).
 BACKDROP_COLOUR = 0.1
 SHIRT_COLOUR = 0.1
 

@@ -1,8 +1,8 @@
 """K-means for Segue's pseudo-labels: FAISS, pure torch (CPU or CUDA) and multi-process Lloyd.
 
 Segue (unsupervised scenario) clusters L2-normalised face features into K groups and uses the cluster ids as
-side information; it works as long as clustering accuracy exceeds 80%, so the clustering has to be good *and*
-every image has to get a label.
+side information; it works as long as clustering accuracy exceeds the paper's 0.8, so the clustering has to be
+good *and* every image has to get a label.
 
 Backends
 --------

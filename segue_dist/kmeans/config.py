@@ -29,10 +29,10 @@ class KMeansConfig:
 
     ``init='kmeans++'`` (default) seeds with D^2 sampling on a random subset of ``k * init_points_per_centroid``
     training points: plain random seeding (FAISS' default, ``init='random'``) often puts two centroids in one
-    identity and merges two others, a local minimum Lloyd never leaves, and Segue needs > 80% accuracy. The subset
+    identity and merges two others, a local minimum Lloyd never leaves, and Segue needs accuracy above 0.8. The subset
     bounds the sequential k-means++ cost at O(k^2 * init_points_per_centroid * d) instead of O(k * n * d); with
-    imbalanced cluster sizes 32 points per centroid matched scikit-learn's full-data k-means++ in accuracy, 8 lost
-    about 3 points (small clusters got no candidate). ``chunk_bytes`` bounds the working memory of one block of the
+    imbalanced cluster sizes 32 points per centroid matched scikit-learn's full-data k-means++ in accuracy, where 8
+    lost some (small clusters got no candidate; docs/measurements.md). ``chunk_bytes`` bounds the working memory of one block of the
     (points x centroids) score matrix. It is part of the algorithm's definition for the torch backend (block
     boundaries), so every process of a distributed run must use the same value.
     """

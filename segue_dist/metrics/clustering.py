@@ -1,6 +1,7 @@
 """Clustering quality of pseudo-labels against true identities: ACC (Hungarian), purity, NMI, ARI.
 
-Segue's unsupervised scenario works "as long as clustering accuracy exceeds 80%"; the accuracy meant there is the
+Segue's unsupervised scenario works as long as clustering accuracy exceeds the paper's threshold
+(`SEGUE_ACCURACY_THRESHOLD`, 0.8); the accuracy meant there is the
 standard unsupervised clustering accuracy, i.e. the best *one-to-one* matching of clusters to classes (Hungarian
 algorithm), which is what :func:`cluster_accuracy` computes.
 
@@ -35,7 +36,7 @@ __all__ = [
     "purity",
 ]
 
-# The paper's condition for pseudo-labels to be good enough: clustering accuracy strictly above 80%.
+# The paper's condition for pseudo-labels to be good enough: clustering accuracy strictly above this.
 SEGUE_ACCURACY_THRESHOLD = 0.8
 
 

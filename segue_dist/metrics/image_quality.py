@@ -200,23 +200,23 @@ def ms_ssim(
     scale. Callers evaluating small images should skip MS-SSIM (``image_quality`` omits it).
     """
     _check_pair(x, y, "ms_ssim")
-    levels = len(weights)
-    if levels < 1:
+    scales = len(weights)
+    if scales < 1:
         raise ValueError("ms_ssim: weights must not be empty")
-    min_side = (_SSIM_WIN - 1) * 2 ** (levels - 1) + 1
+    min_side = (_SSIM_WIN - 1) * 2 ** (scales - 1) + 1
     h, w = x.shape[-2:]
     if min(h, w) < min_side:
         raise ValueError(
-            f"ms_ssim: images are {h}x{w} but {levels}-scale MS-SSIM with an {_SSIM_WIN}x{_SSIM_WIN} window needs "
+            f"ms_ssim: images are {h}x{w} but {scales}-scale MS-SSIM with an {_SSIM_WIN}x{_SSIM_WIN} window needs "
             f"min(H, W) >= {min_side}; skip MS-SSIM for images this small"
         )
     xd, yd = _hi_precision(x), _hi_precision(y)
     win = _gaussian_window_1d(_SSIM_WIN, _SSIM_SIGMA, dtype=xd.dtype, device=xd.device)
     wts = torch.tensor(list(weights), dtype=xd.dtype, device=xd.device)
     terms: list[Tensor] = []
-    for level in range(levels):
+    for scale in range(scales):
         s, cs = _ssim_components(xd, yd, data_range, win)
-        if level < levels - 1:
+        if scale < scales - 1:
             terms.append(cs)
             # Pad odd sides by one so no row/column is silently dropped (piq / pytorch_msssim convention).
             pad = (xd.shape[-2] % 2, xd.shape[-1] % 2)
@@ -224,7 +224,7 @@ def ms_ssim(
             yd = F.avg_pool2d(yd, kernel_size=2, padding=pad)
         else:
             terms.append(s)
-    stacked = torch.relu(torch.stack(terms, dim=0))  # (levels, B, C); relu avoids NaN from (negative) ** fraction
+    stacked = torch.relu(torch.stack(terms, dim=0))  # (scales, B, C); relu avoids NaN from (negative) ** fraction
     per_channel = torch.prod(stacked ** wts.view(-1, 1, 1), dim=0)
     return per_channel.mean(dim=1).to(x.dtype)
 

@@ -1,8 +1,8 @@
 """dlib's ResNet face descriptor: detect (HOG), align (5 landmarks, 150x150 chip), embed (128-d, L2-normalised).
 
 The model is the one behind the ``face_recognition`` package (A. Geitgey) and dlib's ``dnn_face_recognition_ex``
-example (D. King): a ResNet-29 trained with a metric loss on about 3 million faces, 99.38% on the LFW pair
-benchmark. Its weights ship in the ``face-recognition-models`` package and dlib itself in ``dlib-bin`` (the
+example (D. King): a ResNet-29 trained with a metric loss on about 3 million faces (its published LFW pair score:
+docs/measurements.md). Its weights ship in the ``face-recognition-models`` package and dlib itself in ``dlib-bin`` (the
 ``[faces]`` extra), so nothing is downloaded at run time.
 
 Pipeline per image, as in ``face_recognition.face_encodings``:
@@ -119,7 +119,8 @@ class FaceEmbeddings:
 
 
 class DlibFaceModel:
-    """dlib HOG detector + 5-point alignment + ResNet descriptor. Loads the weights once (about 1 s)."""
+    """dlib HOG detector + 5-point alignment + ResNet descriptor. Loads the weights once (loading costs far more than one
+    image)."""
 
     def __init__(self, config: DlibConfig | None = None) -> None:
         self.config = config or DlibConfig()

@@ -45,7 +45,7 @@ class EncodeSpec:
     format: str
     png_level: int
     jpeg_quality: int
-    levels: int
+    eps_levels: int
 
     @property
     def extension(self) -> str:
@@ -93,20 +93,20 @@ def verify_decoded(
     data: bytes,
     written: np.ndarray,
     original: np.ndarray,
-    levels: int,
+    eps_levels: int,
     lossless: bool,
     expected: np.ndarray | None = None,
 ) -> EncodedImage:
     """The ε check of both modes on a written file: ``written`` (its decoded pixels, (H, W, C) uint8) against the
     ``original`` (same shape). Lossy files pass with their measured bound; a lossless one is refused (data None,
-    with the reason) if it is not ``expected`` pixel for pixel (when given) or if it moves a pixel past ``levels``.
+    with the reason) if it is not ``expected`` pixel for pixel (when given) or if it moves a pixel past ``eps_levels``.
     """
     if written.shape != original.shape:
         return EncodedImage(None, None, f"written shape {written.shape} != {original.shape}")
     check = measure(written, original)
     if lossless and expected is not None and not np.array_equal(written, expected):
         return EncodedImage(None, check, f"lossless encoder changed the pixels: {check.max_abs} levels")
-    if lossless and check.max_abs > levels:
+    if lossless and check.max_abs > eps_levels:
         # Cannot happen with the integer clamp and a lossless codec; if it ever does, it is not written.
         return EncodedImage(None, check, f"eps bound violated after encoding: {check.max_abs} levels")
     return EncodedImage(data, check)
@@ -126,7 +126,7 @@ def encode_and_verify(protected: np.ndarray, original: Sequence[np.ndarray], spe
         except BadImage as exc:  # an encoder bug, not bad input: keep going, but never write the file
             results.append(EncodedImage(None, None, f"written image does not decode: {exc}"))
             continue
-        results.append(verify_decoded(data, written, source, spec.levels, spec.format == "png", expected=image))
+        results.append(verify_decoded(data, written, source, spec.eps_levels, spec.format == "png", expected=image))
     return results
 
 

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from segue_dist.checkpoint import file_sha256
 from segue_dist.data.assign import assign_shards
 from segue_dist.data.images import BadImage
 from segue_dist.protect.folder_records import (
@@ -47,6 +46,7 @@ from segue_dist.protect.photo import OpenedPhoto, PhotoFormat, PhotoResult, face
 from segue_dist.utils.device import cpus_per_process
 from segue_dist.utils.io import atomic_write_bytes
 from segue_dist.utils.progress import make_progress
+from segue_dist.weights import file_sha256
 
 # Face scale when the generator's JSON does not record its training size: the attacker's usual 112 px crop.
 DEFAULT_FACE_SIZE = 112
@@ -87,7 +87,7 @@ class FolderProtector(ProtectJob):
         super().__init__(opts)
         cfg = self.gen_cfg
         self.face_size = opts.face_size or training_face_size(self.gen_meta)
-        self.spec = PhotoFormat(opts.png_level, opts.jpeg_quality, self.levels)
+        self.spec = PhotoFormat(opts.png_level, opts.jpeg_quality, self.eps_levels)
         self.limit = 2 ** int(cfg.bits) if opts.allow_unseen_labels else int(cfg.num_classes)
         self.hint = "" if opts.allow_unseen_labels else f" (--allow-unseen-labels accepts up to {2**cfg.bits - 1})"
         self.threads = opts.threads or cpus_per_process()
@@ -104,7 +104,7 @@ class FolderProtector(ProtectJob):
             "output": str(self.out_dir),
             "generator_sha256": self.generator_sha,
             "eps": self.eps,
-            "eps_levels": self.levels,
+            "eps_levels": self.eps_levels,
             # The face scale changes every byte, so it is part of the format a resume must match.
             "format": f"as-input, delta at {self.face_size} px short side",
             "metadata": f"kept: {KEPT}" if self.opts.keep_metadata else "dropped",
@@ -226,7 +226,7 @@ class FolderProtector(ProtectJob):
         if encoded.data is None or encoded.check is None:
             return {**entry, "status": "quarantined", "reason": encoded.error or "encoding failed", "mode": result.mode}
         # Not fsynced: a photo torn by a power loss fails the journal's SHA check on resume and is redone, and two
-        # fsyncs per photo cost about as much as decoding it (1.3 ms each here).
+        # fsyncs per photo cost about as much as decoding it (docs/measurements.md).
         atomic_write_bytes(self.out_dir / rel, encoded.data, durable=False)
         check = encoded.check
         return {

@@ -155,7 +155,7 @@ def already_done(entry: dict[str, Any] | None, in_path: Path, out_path: Path) ->
     return out_path.is_file() and out_path.stat().st_size == entry["bytes"] and file_digest(out_path) == entry["sha256"]
 
 
-def format_rows(written: list[dict[str, Any]], levels: int) -> dict[str, dict[str, Any]]:
+def format_rows(written: list[dict[str, Any]], eps_levels: int) -> dict[str, dict[str, Any]]:
     """Per output format: files, max and mean |δ| measured on the written files, and whether ε is guaranteed."""
     rows: dict[str, dict[str, Any]] = {}
     for fmt in sorted({e["format"] for e in written}):
@@ -166,7 +166,7 @@ def format_rows(written: list[dict[str, Any]], levels: int) -> dict[str, dict[st
             "max_abs_delta": top,
             "mean_abs_delta": round(sum(e["mean_abs"] for e in mine) / len(mine), 4),
             "psnr_mean": round(sum(e["psnr"] for e in mine) / len(mine), 3),
-            "eps_bound_holds": top <= levels if fmt in LOSSLESS_FORMATS else None,
+            "eps_bound_holds": top <= eps_levels if fmt in LOSSLESS_FORMATS else None,
         }
     return rows
 

@@ -17,13 +17,13 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from segue_dist.checkpoint import generator_sha256, load_generator
 from segue_dist.protect.options import ProtectOptions, check_or_record_settings, delay_for_tests_s, resolve_batch_size
 from segue_dist.protect.perturber import Perturber
 from segue_dist.protect.quantise import eps_levels
 from segue_dist.utils import dist
 from segue_dist.utils.device import resolve_device
 from segue_dist.utils.progress import console
+from segue_dist.weights import generator_sha256, load_generator
 
 
 def refuse_in_place(inp: Path, out: Path) -> None:
@@ -113,10 +113,10 @@ class ProtectJob:
         self.generator, self.gen_meta = load_generator(opts.generator, self.device)
         self.gen_cfg = self.generator.config  # type: ignore[attr-defined]
         self.eps = float(self.gen_cfg.eps)
-        self.levels = eps_levels(self.eps)
+        self.eps_levels = eps_levels(self.eps)
         self.generator_sha = generator_sha256(opts.generator, self.gen_meta)
         self.batch_size = resolve_batch_size(opts, self.on_cuda)
-        self.perturber = Perturber(self.generator, self.device, self.levels, opts.precision)
+        self.perturber = Perturber(self.generator, self.device, self.eps_levels, opts.precision)
         self.timer = PhaseTimer()
         # The tests' kill -9 window, injected into each mode's writer (never read inside a loop).
         self.pause = pause_for_tests(delay_for_tests_s())

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from segue_dist.checkpoint import label_map_hash
 from segue_dist.data.loader import ShardSet
 from segue_dist.data.sidecar import read_sidecar
 from segue_dist.utils.device import cpus_per_process
 from segue_dist.utils.io import atomic_write_json, read_json
+from segue_dist.weights import label_map_hash
 
 # The generator halves the resolution twice and instance-normalises the bottleneck, so it needs sides >= 8 px.
 MIN_SIDE = 8
@@ -104,8 +104,9 @@ def resolve_workers(opts: ProtectOptions, on_cuda: bool) -> tuple[int, int, int]
 
 
 def resolve_encode_backend(choice: str, fmt: str, encoders: int) -> str:
-    """PIL's zlib releases the GIL, so PNG encodes well in threads; its JPEG path mostly does not (16 threads ran
-    decode + encode 4x slower than 16 processes on a 16-core host), so several JPEG encoders are processes."""
+    """PIL's zlib releases the GIL, so PNG encodes well in threads; its JPEG path mostly does not (threads ran
+    decode + encode several times slower than processes: docs/measurements.md), so several JPEG encoders are
+    processes."""
     if choice != "auto":
         return choice
     return "process" if fmt == "jpeg" and encoders >= 4 else "thread"

@@ -40,10 +40,12 @@ class Perturber:
     On CUDA nothing waits for the GPU: the results stay on the device until the caller copies them.
     """
 
-    def __init__(self, generator: torch.nn.Module, device: torch.device, levels: int, precision: str = "auto") -> None:
+    def __init__(
+        self, generator: torch.nn.Module, device: torch.device, eps_levels: int, precision: str = "auto"
+    ) -> None:
         self.generator = generator.to(memory_format=torch.channels_last).eval()
         self.device = device
-        self.levels = levels
+        self.eps_levels = eps_levels
         self.on_cuda = device.type == "cuda"
         self.bf16 = use_bf16(precision, device)
 
@@ -68,7 +70,7 @@ class Perturber:
         images = images.to(self.device, non_blocking=True)  # once: deltas() then finds it on the device
         with torch.inference_mode():
             delta = self.deltas(images, labels)
-            return quantise_protected(images, delta, self.levels).contiguous()
+            return quantise_protected(images, delta, self.eps_levels).contiguous()
 
 
 def make_thread_pool(threads: int, name: str) -> ThreadPoolExecutor:

@@ -39,7 +39,7 @@ class PhotoFormat:
 
     png_level: int
     jpeg_quality: int
-    levels: int
+    eps_levels: int
 
 
 @dataclass
@@ -123,8 +123,8 @@ def upsample_delta(delta: torch.Tensor, height: int, width: int) -> torch.Tensor
     G is fully convolutional: run at full size it draws its pattern at full-size scale, which an attacker who
     resizes faces to the training size may average away. So δ is computed at the face scale and upsampled: smooth
     at full size, and back to G's own pattern after the attacker's resize. Bilinear weights are convex, so the
-    upsampled δ stays within G's bound. Channels-first on purpose: on contiguous NCHW the interpolation takes 12 ms
-    at 1024 px on one CPU thread, channels-last 24 ms.
+    upsampled δ stays within G's bound. Channels-first on purpose: on one CPU thread the interpolation of contiguous
+    NCHW is faster than of channels-last (docs/measurements.md).
     """
     chw = delta.permute(2, 0, 1).contiguous()
     if tuple(chw.shape[1:]) == (height, width):
@@ -140,8 +140,8 @@ def face_scale_delta(rgb: np.ndarray, label: int, perturber: Perturber, face_siz
     return upsample_delta(delta, *rgb.shape[:2]).permute(1, 2, 0)[None]
 
 
-def protect_planes(planes: Planes, face_delta: torch.Tensor, levels: int) -> Planes:
-    """The protected planes from G's face-scale δ (h, w, 3): colour within ``levels`` of the original (integer
+def protect_planes(planes: Planes, face_delta: torch.Tensor, eps_levels: int) -> Planes:
+    """The protected planes from G's face-scale δ (h, w, 3): colour within ``eps_levels`` of the original (integer
     clamp), alpha unchanged, 16-bit samples moved by the same whole levels."""
     if planes.gray:
         # One δ for R, G and B: its luma, so a black-and-white photo stays black-and-white. Luma and bilinear
@@ -152,9 +152,9 @@ def protect_planes(planes: Planes, face_delta: torch.Tensor, levels: int) -> Pla
     # come back to the host, whose cores are busy with the codecs.
     # Rounded in whole levels by the one quantiser (quantise.delta_levels), then transposed as int16 (half the
     # bytes of float32 to move).
-    steps = delta_levels(upsample_delta(face_delta.float(), height, width), levels).permute(1, 2, 0).contiguous()
-    steps = steps.cpu()
-    colour = np.clip(planes.colour.astype(np.int16) + steps.numpy(), 0, 255).astype(np.uint8)
+    delta_int = delta_levels(upsample_delta(face_delta.float(), height, width), eps_levels).permute(1, 2, 0)
+    delta_int = delta_int.contiguous().cpu()
+    colour = np.clip(planes.colour.astype(np.int16) + delta_int.numpy(), 0, 255).astype(np.uint8)
     deep = None
     if planes.deep is not None:
         moved = colour.astype(np.int64)[..., 0] - planes.colour.astype(np.int64)[..., 0]
@@ -180,7 +180,7 @@ def encode_photo(img: Image.Image, fmt: str, spec: PhotoFormat, metadata: Metada
     return encode_pil(img, fmt, spec.png_level, spec.jpeg_quality, metadata.save_options(fmt, img.mode))
 
 
-def verify_written(data: bytes, original: Planes, fmt: str, levels: int) -> EncodedImage:
+def verify_written(data: bytes, original: Planes, fmt: str, eps_levels: int) -> EncodedImage:
     """Decode the written bytes independently and measure them against the original planes."""
     try:
         written = read_planes(_upright(Image.open(io.BytesIO(data))))
@@ -199,7 +199,7 @@ def verify_written(data: bytes, original: Planes, fmt: str, levels: int) -> Enco
     )
     if lossless and not same_alpha and written.colour.shape == original.colour.shape:
         return EncodedImage(None, None, "alpha changed by the encoder")
-    return verify_decoded(data, written.colour, original.colour, levels, lossless)
+    return verify_decoded(data, written.colour, original.colour, eps_levels, lossless)
 
 
 @dataclass
@@ -234,13 +234,13 @@ def open_for_protect(data: bytes, max_pixels: int, face_size: int, keep_metadata
 
 def finish_photo(photo: OpenedPhoto, face_delta: torch.Tensor, spec: PhotoFormat) -> PhotoResult:
     """Add G's face-scale δ (h, w, 3) to the photo, encode it in its own format and check the written bytes."""
-    protected = protect_planes(photo.planes, face_delta, spec.levels)
+    protected = protect_planes(photo.planes, face_delta, spec.eps_levels)
     try:
         written = encode_photo(planes_image(protected), photo.format, spec, photo.metadata)
     except (OSError, ValueError) as exc:
         reason = f"{photo.format} encoder refused {photo.mode}: {exc}"
         return PhotoResult(EncodedImage(None, None, reason), photo.mode, photo.format)
-    return PhotoResult(verify_written(written, photo.planes, photo.format, spec.levels), photo.mode, photo.format)
+    return PhotoResult(verify_written(written, photo.planes, photo.format, spec.eps_levels), photo.mode, photo.format)
 
 
 def face_deltas(photos: list[OpenedPhoto], labels: list[int], perturber: Perturber) -> list[torch.Tensor]:

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from segue_dist.checkpoint import file_sha256
 from segue_dist.data.assign import assign_shards
 from segue_dist.data.images import BadImage, decode_image
 from segue_dist.data.loader import ShardEnd, open_shard_set
@@ -50,6 +49,7 @@ from segue_dist.protect.perturber import make_thread_pool
 from segue_dist.protect.stream import Item, ProtectStream, SizeBuckets, iter_items
 from segue_dist.utils.io import atomic_write_bytes
 from segue_dist.utils.progress import make_progress
+from segue_dist.weights import file_sha256
 
 
 @dataclass
@@ -100,7 +100,7 @@ class Protector(ProtectJob):
         if opts.gpu_codec and not self.on_cuda:
             raise ValueError("--gpu-codec needs a CUDA device")
         self.labels = plan_labels(opts, self.shard_set, self.gen_meta, self.gen_cfg)
-        self.spec = EncodeSpec(opts.format, opts.png_level, opts.jpeg_quality, self.levels)
+        self.spec = EncodeSpec(opts.format, opts.png_level, opts.jpeg_quality, self.eps_levels)
         self.workers, self.encoders, self.threads = resolve_workers(opts, self.on_cuda)
         self.batch_pixels = 0 if self.on_cuda else CPU_BATCH_PIXELS
         self.inflight = opts.inflight or 2 * self.encoders + 2 + (0 if self.on_cuda else self.threads)
@@ -121,7 +121,7 @@ class Protector(ProtectJob):
         return {
             "generator_sha256": self.generator_sha,
             "eps": self.eps,
-            "eps_levels": self.levels,
+            "eps_levels": self.eps_levels,
             "format": opts.format,
             **spec,
             "labels": labels,
@@ -247,7 +247,7 @@ class Protector(ProtectJob):
 
     def _writer(self, shard: str) -> ShardWriter:
         name = Path(shard).name
-        context = {"rank": self.rank, "world_size": self.world, "eps": self.eps, "eps_levels": self.levels}
+        context = {"rank": self.rank, "world_size": self.world, "eps": self.eps, "eps_levels": self.eps_levels}
         context.update(self.spec.describe(), generator_sha256=self.generator_sha)
         return ShardWriter(self.out_dir, name, self.shard_set.sizes[name], context)
 

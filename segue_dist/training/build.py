@@ -44,7 +44,7 @@ class TrainingSetup:
     stream: TrainStream
     batches: int  # batches per epoch per rank
     num_samples: int  # in the training shards
-    labels: SideInformation
+    side_info: SideInformation
     # Loader worker processes per rank: data.num_workers, capped to this rank's share of the node's cores
     # (`capped_workers`) and to the batches of an epoch. The batch stream depends on it (segue_dist/data/loader.py);
     # the run's banner says what it is and why.
@@ -52,7 +52,7 @@ class TrainingSetup:
     workers_note: str = ""
 
 
-def resolve_labels(cfg: TrainConfig) -> SideInformation:
+def resolve_side_info(cfg: TrainConfig) -> SideInformation:
     """ŷ: the sidecar named by ``data.labels``, else the shards' ``.cls`` (ConfigError when they have none)."""
     shard_set = open_shard_set(cfg.data.train)
     if cfg.data.labels:
@@ -109,9 +109,9 @@ def setup_training(cfg: TrainConfig) -> TrainingSetup:
     """Join the job, seed, resolve ŷ, build G, f, the distortion layer and this rank's stream."""
     rt = make_runtime(cfg)
     seed_everything(cfg.seed)
-    labels = resolve_labels(cfg)
+    side_info = resolve_side_info(cfg)
     shard_set = open_shard_set(cfg.data.train)
-    g, f = build_runners(cfg, rt, labels.num_classes)
+    g, f = build_runners(cfg, rt, side_info.num_classes)
     distortion = DistortionLayer(cfg.distortion).to(rt.device)
     rng = torch.Generator(device="cpu")
     rng.manual_seed(derive_seed(cfg.seed, "distortion", rt.rank))
@@ -126,11 +126,11 @@ def setup_training(cfg: TrainConfig) -> TrainingSetup:
         world_size=rt.world_size,
         seed=cfg.seed,
         image_size=cfg.data.size,
-        label_map=labels.pseudo_labels,
+        label_map=side_info.pseudo_labels,
         shuffle_buffer=cfg.data.shuffle_buffer,
     )
     workers, note = loader_workers(cfg.data.num_workers, batches)
-    return TrainingSetup(rt, g, f, distortion, rng, stream, batches, shard_set.num_samples, labels, workers, note)
+    return TrainingSetup(rt, g, f, distortion, rng, stream, batches, shard_set.num_samples, side_info, workers, note)
 
 
 def loader_workers(requested: int, batches: int) -> tuple[int, str]:

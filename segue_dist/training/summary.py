@@ -9,15 +9,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from segue_dist.checkpoint import export_generator, label_map_hash
 from segue_dist.config import to_dict
 from segue_dist.training.build import SideInformation
 from segue_dist.training.config import TrainConfig
+from segue_dist.training.run_state import RunState, StopReason
 from segue_dist.training.runtime import Runner, Runtime
 from segue_dist.utils.io import atomic_write_json
 from segue_dist.utils.progress import console, print_table
-
-PAUSED = "paused (max_epochs_this_run)"  # the stop reason of a run that will be resumed: nothing is exported
+from segue_dist.weights import export_generator, label_map_hash
 
 
 def parameter_checksum(module: nn.Module) -> torch.Tensor:
@@ -40,40 +39,49 @@ def finish(
     cfg: TrainConfig,
     rt: Runtime,
     history: list[dict[str, Any]],
-    stop_reason: str,
-    epoch: int,
-    step: int,
-    labels: SideInformation,
+    run: RunState,
+    side_info: SideInformation,
 ) -> dict[str, Any]:
-    """Export the generator (rank 0, unless paused), print the per-epoch table, and return the summary."""
+    """The end of `train`: check the ranks agree, then rank 0 exports the generator (unless the run paused), writes
+    train_summary.json and prints the per-epoch table; returns the summary. Collective: no rank returns before
+    rank 0 has written."""
     summary: dict[str, Any] = {
-        "stop_reason": stop_reason,
-        "last_epoch": epoch,
-        "steps": step,
+        "stop_reason": run.stop_text(),
+        "last_epoch": run.epochs_done,
+        "steps": run.step,
         "world_size": rt.world_size,
         "deepspeed": rt.deepspeed,
         "history": history,
         "ranks_in_sync": ranks_in_sync(g, rt),
     }
-    if not rt.is_main:
-        return summary
-    exported = stop_reason != PAUSED
+    if rt.is_main:
+        export_and_report(g, cfg, summary, run, side_info)
+    if rt.world_size > 1:
+        dist.barrier()
+    return summary
+
+
+def export_and_report(
+    g: Runner, cfg: TrainConfig, summary: dict[str, Any], run: RunState, side_info: SideInformation
+) -> None:
+    """Rank 0's part of `finish`: export G (unless paused; adds ``generator`` to ``summary``), write
+    train_summary.json last, print the table and the stop."""
+    exported = run.stop is not StopReason.PAUSED
     if exported:
-        pseudo = labels.pseudo_labels
+        pseudo = side_info.pseudo_labels
         weights = export_generator(
             g.module,
             cfg.out,
-            label_map=labels.identity_labels,
-            label_source=labels.source,
+            label_map=side_info.identity_labels,
+            label_source=side_info.source,
             train_config=to_dict(cfg),
-            extra={"pseudo_labels_sha256": label_map_hash(pseudo) if pseudo else "", "epochs_run": epoch},
+            extra={"pseudo_labels_sha256": label_map_hash(pseudo) if pseudo else "", "epochs_run": run.epochs_done},
         )
         summary["generator"] = str(weights)
     atomic_write_json(Path(cfg.out) / "train_summary.json", summary)
-    if history:  # empty when a finished checkpoint was only exported
-        print_history(history)
-    console.print(f"stopped: {stop_reason}" + (f"; generator: {summary['generator']}" if exported else ""))
-    return summary
+    if summary["history"]:  # empty when a finished checkpoint was only exported
+        print_history(summary["history"])
+    console.print(f"stopped: {run.stop_text()}" + (f"; generator: {summary['generator']}" if exported else ""))
 
 
 def print_history(history: list[dict[str, Any]]) -> None:

@@ -1,13 +1,13 @@
-"""Exact-resume checkpoints of a training run: both models, both optimisers, every RNG (per rank), the data position.
+"""Exact resume: the checkpoint of a training run, with both models, both optimisers, every RNG (per rank) and the
+data position; written at every epoch end and every ``checkpoint_every`` steps, restored when a run starts again.
 
 DDP: rank 0 writes one pickle-free safetensors + JSON pair (`checkpoints/last.{safetensors,json}`, atomically, through
-segue_dist/checkpoint.py), with each rank's distortion RNG and, in multi-process runs, each rank's BatchNorm buffers.
+segue_dist/weights.py), with each rank's distortion RNG and, in multi-process runs, each rank's BatchNorm buffers.
 DeepSpeed: each engine writes its own checkpoint format (rank 0's module only); rank 0 adds `rank_buffers` (each
 rank's BatchNorm statistics) and, last, `position.json` with the position, the world size and the RNG states. The resume
 contract: a run resumed from any checkpoint (epoch end or every `checkpoint_every` steps) with the same world size is
-bit-identical to the uninterrupted run; another world size is refused. The checkpoint of the epoch a run ended on for
-good (all epochs run, or stopped on `stop_loss`) says so in its position's `stop` entry (`segue_dist/train.py`:
-`finished`), so that running it again does nothing.
+bit-identical to the uninterrupted run; another world size is refused. The position, and the `stop` entry of the
+checkpoint a run ended with for good, are `segue_dist/training/run_state.py`'s.
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from segue_dist.checkpoint import (
+from segue_dist.config import ConfigError
+from segue_dist.training.config import TrainConfig
+from segue_dist.training.runtime import Runner, Runtime, deepspeed_requested
+from segue_dist.utils.io import atomic_write_json, read_json
+from segue_dist.weights import (
     capture_rng,
     flatten_state,
     load_state,
@@ -29,14 +33,8 @@ from segue_dist.checkpoint import (
     save_state,
     unflatten_state,
 )
-from segue_dist.config import ConfigError
-from segue_dist.training.config import TrainConfig
-from segue_dist.training.runtime import Runner, Runtime, deepspeed_requested
-from segue_dist.utils.io import atomic_write_json, read_json
 
-# {"epoch": next epoch to run (from 1), "batch": batches of it done, "step": steps done}, and on the checkpoint of the
-# epoch a run ended with, "stop": {"reason": "epochs" | "stop_loss", "epochs": the epochs asked for, and for stop_loss
-# "f_loss": the loss it stopped at, "stop_loss": the threshold then}.
+# A checkpoint's place in the run: {"epoch", "batch", "step"} and, last of a finished run, "stop" (see run_state.py).
 Position = dict[str, Any]
 
 

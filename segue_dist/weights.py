@@ -1,4 +1,6 @@
-"""Checkpoints: the exported generator (safetensors + JSON) and exact-resume training state.
+"""Weights and state on disk as safetensors + JSON: the exported generator (`export_generator`, `load_generator`),
+strict loading, hashes, and the state-file helpers (RNG, optimiser state) that exact resume
+(`segue_dist/training/resume.py`) writes its checkpoints with.
 
 Everything a user loads is safetensors + JSON, never pickle, and loading is strict: a missing or unexpected key
 or a shape mismatch is an error that names it (the authors' code silently skipped mismatches, which turns a wrong
