@@ -82,6 +82,9 @@ class TarSampleWriter:
             info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
             info.uname = info.gname = _OWNER
             self.tar.addfile(info, io.BytesIO(data))
+        # tarfile keeps every TarInfo it writes (for getmembers); a writer that lives for a whole shard would hold
+        # O(samples) headers, and protect's memory would grow with the corpus. Nothing here reads them back.
+        self.tar.members.clear()
 
     def close(self) -> None:
         self.tar.close()

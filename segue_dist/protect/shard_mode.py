@@ -189,7 +189,7 @@ class Protector(ProtectJob):
         outstanding (which bounds memory) and never on fsync.
         """
         writers: dict[str, ShardWriter] = {}
-        opened: list[ShardWriter] = []
+        opened: dict[str, ShardWriter] = {}  # started and not yet finished: what an error must abort
         buckets: dict[str, SizeBuckets] = {}
         finished: list[dict[str, Any]] = []
         tar_thread = ThreadPoolExecutor(1, thread_name_prefix="tar-writer")  # one thread: tasks run in order
@@ -201,6 +201,7 @@ class Protector(ProtectJob):
             def on_result(kind: str, value: Any) -> None:
                 if kind == "end":
                     finished.append(value)
+                    opened.pop(value["shard"], None)
                     return
                 done[0] += value
                 rate = done[0] / max(time.perf_counter() - t0, 1e-9)
@@ -210,8 +211,7 @@ class Protector(ProtectJob):
 
             def writer_for(shard: str) -> ShardWriter:
                 if shard not in writers:  # an empty shard still gets its (empty) tar
-                    writers[shard] = self._writer(shard)
-                    opened.append(writers[shard])
+                    writers[shard] = opened[Path(shard).name] = self._writer(shard)
                 return writers[shard]
 
             def submit(writer: ShardWriter, batch: list[Item]) -> None:
@@ -238,7 +238,7 @@ class Protector(ProtectJob):
                 writes.settle(0)
             except BaseException:
                 tar_thread.shutdown(wait=True, cancel_futures=True)
-                for writer in opened:
+                for writer in opened.values():
                     writer.abort()
                 raise
             finally:
