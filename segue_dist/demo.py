@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from segue_dist.data.images import encode_jpeg
-from segue_dist.utils.io import atomic_write_bytes
+from segue_dist.utils.io import atomic_write_bytes, atomic_write_json
 from segue_dist.utils.progress import console, print_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,11 +217,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def write_summary(path: Path, timings: dict[str, float]) -> None:
+    """This run's seconds per stage and what they ran on (the CPU kind torch dispatched to), as JSON."""
+    import torch
+
+    summary = {
+        "seconds": {name: round(s, 1) for name, s in timings.items()},
+        "total_s": round(sum(timings.values()), 1),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+    atomic_write_json(path, summary)
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
     timings = run_pipeline(args)
+    write_summary(out / "demo_summary.json", timings)
     print_table("segue demo", ["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()])
     console.print(f"report: {out / 'report' / 'report.md'} (and report.html)")
     return 0
