@@ -108,38 +108,63 @@ def protect_segue(
     images: torch.Tensor, labels: torch.Tensor, num_classes: int, args: argparse.Namespace
 ) -> torch.Tensor:
     """Train G with the real `segue train` (one process, in this interpreter), then protect the set with it."""
+    out = Path(args.work) / args.name / f"seed{args.seed}"
+    gen_path = train_generator(
+        args.shards / "train", out, args.seed, images.shape[-1], args.train_config, args.train_set, args.extra
+    )
+    protected = apply_generator(gen_path, images, labels, args.eps)
+    d = protected.float() - images.float()
+    args.extra["saturated_fraction"] = float((d.abs() >= round(255 * args.eps)).float().mean())
+    return protected
+
+
+def train_generator(
+    train_split: Path, out: Path, seed: int, size: int, config: str, overrides: list[str], extra: dict[str, Any]
+) -> Path:
+    """Train G with `segue train` on ``train_split`` into ``out`` unless its generator exists; returns its path.
+
+    ``extra`` receives ``train_seconds`` (when it trained) and ``train_history`` (the per-epoch losses).
+    """
     from segue_dist.config import load_config
     from segue_dist.train import TrainConfig, train
-    from segue_dist.weights import load_generator
 
-    out = Path(args.work) / args.name / f"seed{args.seed}"
-    overrides = [
-        f"out={out}",
-        f"seed={args.seed}",
-        f"data.train={args.shards / 'train'}",
-        f"data.image_size=[{images.shape[-1]}]",
-        "data.num_workers=0",
-        "tensorboard=false",
-        *args.train_set,
-    ]
-    cfg = load_config(TrainConfig, args.train_config, overrides)
+    cfg = load_config(
+        TrainConfig,
+        config,
+        [
+            f"out={out}",
+            f"seed={seed}",
+            f"data.train={train_split}",
+            f"data.image_size=[{size}]",
+            "data.num_workers=0",
+            "tensorboard=false",
+            *overrides,
+        ],
+    )
     gen_path = out / "generator.safetensors"
     if not gen_path.exists():  # a rerun (--keep) reuses the trained generator and keeps the recorded train time
         t0 = time.perf_counter()
         train(cfg)
-        args.extra["train_seconds"] = round(time.perf_counter() - t0, 1)
-    args.extra["train_history"] = json.loads((out / "train_summary.json").read_text())["history"]
-    generator, meta = load_generator(gen_path)
+        extra["train_seconds"] = round(time.perf_counter() - t0, 1)
+    extra["train_history"] = json.loads((out / "train_summary.json").read_text())["history"]
+    return gen_path
+
+
+def apply_generator(gen_path: Path, images: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
+    """uint8 (N, 3, H, W) images protected by the generator at ``gen_path`` with side information ``labels`` (N,).
+
+    Labels at or above G's training classes are legal (up to 2**bits - 1): an identity G never saw.
+    """
+    from segue_dist.weights import load_generator
+
+    generator, _ = load_generator(gen_path)
     generator.eval()
     chunks = []
     with torch.no_grad():
         for start in range(0, len(images), 256):
             x = images[start : start + 256].float() / 255
-            chunks.append(quantise(images[start : start + 256], generator(x, labels[start : start + 256]), args.eps))
-    protected = torch.cat(chunks)
-    d = protected.float() - images.float()
-    args.extra["saturated_fraction"] = float((d.abs() >= round(255 * args.eps)).float().mean())
-    return protected
+            chunks.append(quantise(images[start : start + 256], generator(x, labels[start : start + 256]), eps))
+    return torch.cat(chunks)
 
 
 def class_gratings(labels: torch.Tensor, num_classes: int, size: int) -> torch.Tensor:
@@ -168,12 +193,73 @@ def class_blocks(
     return torch.nn.functional.interpolate(codes, size=(size, size), mode="nearest")[labels]
 
 
+def ar_coefficients(num_classes: int, seed: int, size: int = 36, tries: int = 2000) -> torch.Tensor:
+    """Probe: one stable 3 x 3 causal AR process per class (Sandoval-Segura et al., NeurIPS 2022, section 3).
+
+    Coefficients ~ N(0, 1) with the current pixel's weight 0, normalised to sum to 1; a set is kept when the field it
+    generates from unit noise stays bounded and its matched filter (the coefficients with -1 at the current pixel)
+    answers every class kept before it at least 3x more than its own. Returns (num_classes, 3, 3).
+    """
+    g = torch.Generator().manual_seed(seed)
+    kept: list[torch.Tensor] = []
+    fields: list[torch.Tensor] = []
+    for _ in range(tries):
+        b = torch.randn(3, 3, generator=g)
+        b[2, 2] = 0
+        b = b / b.sum()
+        field = ar_fields(b, 2, size, g)
+        if not torch.isfinite(field).all() or field.abs().max() > 1e3 or field.std() < 1e-3:
+            continue
+        field = field / field.std()
+        own = ar_response(b, field)
+        if all(
+            ar_response(b, f) > 3 * own and ar_response(o, field) > 3 * ar_response(o, f) for o, f in zip(kept, fields, strict=True)
+        ):
+            kept.append(b)
+            fields.append(field)
+        if len(kept) == num_classes:
+            return torch.stack(kept)
+    raise RuntimeError(f"found only {len(kept)} of {num_classes} AR processes in {tries} tries")
+
+
+def ar_response(b: torch.Tensor, fields: torch.Tensor) -> float:
+    """Mean |matched-filter output| of AR process ``b`` over fields (N, H, W)."""
+    f = b.clone()
+    f[2, 2] = -1
+    return float(torch.nn.functional.conv2d(fields.unsqueeze(1), f.view(1, 1, 3, 3)).abs().mean())
+
+
+def ar_fields(b: torch.Tensor, n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """n fields (n, size, size) of the AR process b, each from its own unit-normal start (first 2 rows / cols)."""
+    s = torch.randn(n, size, size, generator=g)
+    for i in range(size - 2):
+        for j in range(size - 2):
+            s[:, i + 2, j + 2] = (s[:, i : i + 3, j : j + 3] * b).flatten(1).sum(1)
+    return s
+
+
+def class_ar(labels: torch.Tensor, num_classes: int, size: int, seed: int = 0, channels: int = 1) -> torch.Tensor:
+    """Probe: per-image AR noise from its class's process, L∞-normalised to 1, shape (N, channels, size, size)."""
+    coeffs = ar_coefficients(num_classes * channels, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    out = torch.zeros(len(labels), channels, size, size)
+    for k in range(num_classes):
+        idx = (labels == k).nonzero().flatten()
+        for c in range(channels):
+            field = ar_fields(coeffs[k * channels + c], len(idx), size + 4, g)[:, 4:, 4:]
+            out[idx, c] = field / field.flatten(1).abs().amax(1).view(-1, 1, 1)
+    return out
+
+
 def protect_pattern(
     images: torch.Tensor, labels: torch.Tensor, num_classes: int, args: argparse.Namespace
 ) -> torch.Tensor:
     size = images.shape[-1]
     if args.method == "grating":
         pattern = class_gratings(labels, num_classes, size)
+    elif args.method in ("ar", "colour_ar"):
+        pattern = class_ar(labels, num_classes, size, seed=args.seed, channels=3 if args.method == "colour_ar" else 1)
+        pattern = (pattern * args.ar_gain).clamp(-1, 1)
     else:
         channels = 3 if args.method == "colour_blocks" else 1
         pattern = class_blocks(labels, num_classes, size, grid=args.grid, seed=args.seed, channels=channels)
@@ -188,6 +274,8 @@ METHODS = {
     "grating": protect_pattern,
     "blocks": protect_pattern,
     "colour_blocks": protect_pattern,
+    "ar": protect_pattern,
+    "colour_ar": protect_pattern,
 }
 
 
@@ -402,6 +490,7 @@ def main() -> None:
     r.add_argument("--seeds", default="0", help="comma-separated seeds (G's training seed and the victim's)")
     r.add_argument("--tap-steps", type=int, default=30, help="tap: targeted PGD steps")
     r.add_argument("--grid", type=int, default=4, help="blocks probe: cells per side")
+    r.add_argument("--ar-gain", type=float, default=1.0, help="AR probe: gain on the L∞-normalised field, then clip")
     r.add_argument("--train-config", default=str(REPO / "configs/train/default.yaml"))
     r.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--work", default=str(REPO / "runs/protection"))

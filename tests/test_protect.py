@@ -40,9 +40,11 @@ NUM_CLASSES = 5
 # ---------------------------------------------------------------------------------------------------------- helpers
 
 
-def make_generator(folder: Path, num_classes: int, label_map: dict[str, int] | None = None, seed: int = 0) -> Path:
+def make_generator(
+    folder: Path, num_classes: int, label_map: dict[str, int] | None = None, seed: int = 0, bits: int = 16
+) -> Path:
     torch.manual_seed(seed)
-    generator = SegueGenerator(GeneratorConfig(num_classes=num_classes, width=8, num_res_blocks=1))
+    generator = SegueGenerator(GeneratorConfig(num_classes=num_classes, width=8, num_res_blocks=1, bits=bits))
     return export_generator(generator, folder, label_map=label_map, label_source="cls")
 
 
@@ -315,6 +317,23 @@ def test_generator_with_too_few_classes_is_a_clear_error(corpus: dict[str, Path]
     assert "labels up to 4" in err and "codes only 3" in err
     # Legal with the explicit flag: labels just index the 16-bit codes.
     assert run_protect(small, corpus["train"], tmp_path / "out", "--allow-unseen-labels") == 0
+
+
+def test_new_identities_are_coded_after_the_generators_classes(corpus: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """--new-identities: identity i of a set G never saw gets code num_classes + i, recorded per sample and in the
+    resume context; the true label is kept; a set too large for G's codes is a one-line error naming the limit."""
+    small = make_generator(tmp_path / "gen3", 3)
+    out = tmp_path / "new"
+    assert run_protect(small, corpus["train"], out, "--new-identities") == 0
+    inputs, outputs = read_samples(corpus["train"]), read_samples(out)
+    for key, fields in outputs.items():
+        assert json.loads(fields["json"])["protected"]["label"] == int(inputs[key]["cls"]) + 3
+        assert fields["cls"] == inputs[key]["cls"]
+    assert "different label map" not in capsys.readouterr().out  # no warning: the codes are deliberately new
+    assert read_json(out / protect.MANIFEST_NAME)["balanced"]
+    tiny = make_generator(tmp_path / "gen_tiny", 3, bits=2)  # 4 codes: 3 trained, 1 free for the 5 identities
+    assert run_protect(tiny, corpus["train"], tmp_path / "new_tiny", "--new-identities") == 2
+    assert "codes only 1 after its 3 training identities" in capsys.readouterr().err
 
 
 def test_generator_trained_on_other_labels_warns_but_runs(corpus: dict[str, Path], tmp_path: Path, capsys) -> None:

@@ -122,6 +122,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto)")
     parser.add_argument("--gpu-codec", action="store_true", help="CUDA: nvJPEG decode of JPEG inputs, GPU JPEG encode")
     parser.add_argument("--allow-unseen-labels", action="store_true", help="accept labels >= the generator's classes")
+    parser.add_argument(
+        "--new-identities",
+        action="store_true",
+        help="people the generator never saw: number this set's identities after its training classes",
+    )
     parser.add_argument("--max-pixels", type=int, default=4096 * 4096, help="quarantine larger images (4096x4096)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -145,6 +150,7 @@ def options_from_args(args: argparse.Namespace) -> ProtectOptions:
         gpu_codec=args.gpu_codec,
         seed=args.seed,
         allow_unseen_labels=args.allow_unseen_labels,
+        new_identities=args.new_identities,
         max_pixels=args.max_pixels,
         progress=not args.no_progress,
         input_format=args.input_format,

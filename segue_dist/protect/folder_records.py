@@ -83,10 +83,11 @@ def read_label_mapping(path: str) -> dict[str, Any]:
     return {row[0].strip(): row[1].strip() for row in rows}
 
 
-def photo_labels(photos: list[str], labels_path: str | None, limit: int, hint: str) -> dict[str, int]:
-    """Relative path -> G's label. From the identity folder (first path component, identities numbered in sorted
-    order as `segue shards build` does) or from ``labels_path``; integer identities are used as labels directly.
-    Photos without an identity are left out (and quarantined by the caller). ``ValueError`` when G cannot code them.
+def photo_labels(photos: list[str], labels_path: str | None, limit: int, hint: str, offset: int = 0) -> dict[str, int]:
+    """Relative path -> G's code. From the identity folder (first path component, identities numbered in sorted
+    order as `segue shards build` does) or from ``labels_path``; integer identities are used as labels directly;
+    ``offset`` is added to every label (identities numbered after G's training classes). Photos without an identity
+    are left out (and quarantined by the caller). ``ValueError`` when G cannot code them.
     """
     if labels_path is None:
         identity = {p: unicodedata.normalize("NFC", p.split("/")[0]) for p in photos if "/" in p}
@@ -99,8 +100,12 @@ def photo_labels(photos: list[str], labels_path: str | None, limit: int, hint: s
     else:
         index = {name: i for i, name in enumerate(sorted({str(v) for v in values}))}
         codes = {v: index[str(v)] for v in values}
+    codes = {v: c + offset for v, c in codes.items()}
     if codes and max(codes.values()) >= limit:
-        raise ValueError(f"{len(values)} identities / labels up to {max(codes.values())}: G codes {limit}{hint}")
+        after = f" after its {offset} training identities" if offset else ""
+        raise ValueError(
+            f"{len(values)} identities / labels up to {max(codes.values()) - offset}: G codes {limit - offset}{after}{hint}"
+        )
     return {p: codes[v] for p, v in identity.items()}
 
 

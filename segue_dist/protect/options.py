@@ -49,6 +49,7 @@ class ProtectOptions:
     gpu_codec: bool = False  # CUDA only: nvJPEG decode of JPEG inputs and, for JPEG output, encode on the GPU
     seed: int = 0
     allow_unseen_labels: bool = False  # labels >= num_classes (up to 2**bits - 1) are legal codes, never trained
+    new_identities: bool = False  # people G never saw: label i gets code num_classes + i (implies unseen codes)
     max_pixels: int = 4096 * 4096
     inflight: int = 0  # forward batches whose encode may be pending at once; 0 = 2 x encode workers + 2
     progress: bool = True
@@ -165,30 +166,47 @@ def sidecar_file(path: str) -> Path:
 @dataclass
 class LabelPlan:
     label_map: dict[str, int] | None  # None = use `.cls`
-    limit: int  # labels must be in [0, limit)
+    limit: int  # codes (label + offset) must be in [0, limit)
     warnings: list[str] = field(default_factory=list)
+    offset: int = 0  # added to every label: G's training classes for --new-identities, else 0
+
+
+def code_limit(opts: ProtectOptions, gen_cfg: Any) -> tuple[int, int, str]:
+    """(offset, limit, hint): codes are label + offset in [0, limit); the hint names the flag that widens the limit.
+
+    With ``new_identities`` the set's identities are numbered after G's ``num_classes`` training identities (paper:
+    the once-trained generator protects people who joined later), so every code above them is legal.
+    """
+    num_classes, bits = int(gen_cfg.num_classes), int(gen_cfg.bits)
+    offset = num_classes if opts.new_identities else 0
+    if opts.allow_unseen_labels or opts.new_identities:
+        return offset, 2**bits, ""
+    return offset, num_classes, f" (--allow-unseen-labels accepts labels up to {2**bits - 1})"
 
 
 def plan_labels(opts: ProtectOptions, shard_set: ShardSet, gen_meta: dict[str, Any], gen_cfg: Any) -> LabelPlan:
     """Where G's side information comes from, and a clear error if the generator cannot code those labels."""
-    num_classes, bits = int(gen_cfg.num_classes), int(gen_cfg.bits)
-    limit = 2**bits if opts.allow_unseen_labels else num_classes
-    hint = "" if opts.allow_unseen_labels else f" (--allow-unseen-labels accepts labels up to {2**bits - 1})"
+    offset, limit, hint = code_limit(opts, gen_cfg)
+    after = f" after its {offset} training identities" if offset else ""
     warnings_: list[str] = []
     if opts.labels is not None:
         label_map, k = read_sidecar(opts.labels)
-        if k > limit:
-            raise ValueError(f"sidecar {opts.labels} has K={k} pseudo-labels but the generator codes {limit}{hint}")
-        return LabelPlan(label_map, limit, warnings_)
+        if k + offset > limit:
+            raise ValueError(
+                f"sidecar {opts.labels} has K={k} pseudo-labels but the generator codes {limit - offset}{after}{hint}"
+            )
+        return LabelPlan(label_map, limit, warnings_, offset)
     if shard_set.labels:
         top = max(shard_set.labels.values())
-        if top >= limit:
+        if top + offset >= limit:
             raise ValueError(
-                f"{shard_set.root}/labels.json has labels up to {top} but the generator codes only {limit}{hint}"
+                f"{shard_set.root}/labels.json has labels up to {top} but the generator codes only "
+                f"{limit - offset}{after}{hint}"
             )
         trained_hash = gen_meta.get("label_map_sha256", "")
         if (
-            trained_hash
+            not offset
+            and trained_hash
             and gen_meta.get("label_source", "cls") == "cls"
             and trained_hash != label_map_hash(shard_set.labels)
         ):
@@ -196,4 +214,4 @@ def plan_labels(opts: ProtectOptions, shard_set: ShardSet, gen_meta: dict[str, A
                 "the generator was trained with a different label map than this shard set's labels.json: labels "
                 "just index codes, so this works, but identity i gets the code identity i had in training"
             )
-    return LabelPlan(None, limit, warnings_)
+    return LabelPlan(None, limit, warnings_, offset)

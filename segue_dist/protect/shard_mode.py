@@ -118,6 +118,7 @@ class Protector(ProtectJob):
         opts = self.opts
         spec = {"png_level": opts.png_level} if opts.format == "png" else {"jpeg_quality": opts.jpeg_quality}
         labels = "cls" if opts.labels is None else f"sidecar:{file_sha256(sidecar_file(opts.labels))}"
+        labels += f" + {self.labels.offset}" if self.labels.offset else ""
         return {
             "generator_sha256": self.generator_sha,
             "eps": self.eps,
@@ -164,7 +165,11 @@ class Protector(ProtectJob):
 
     def _protect_shards(self, todo: list[str]) -> list[dict[str, Any]]:
         stream = ProtectStream(
-            todo, label_map=self.labels.label_map, max_pixels=self.opts.max_pixels, gpu_jpeg=self.codec is not None
+            todo,
+            label_map=self.labels.label_map,
+            max_pixels=self.opts.max_pixels,
+            gpu_jpeg=self.codec is not None,
+            label_offset=self.labels.offset,
         )
         expected = sum(self.shard_set.sizes[Path(s).name] for s in todo)
         pool = make_encode_pool(self.encode_backend, self.encoders)

@@ -59,10 +59,17 @@ class ProtectStream(OnePassStream):
     """
 
     def __init__(
-        self, shards: list[str], *, label_map: dict[str, int] | None, max_pixels: int, gpu_jpeg: bool = False
+        self,
+        shards: list[str],
+        *,
+        label_map: dict[str, int] | None,
+        max_pixels: int,
+        gpu_jpeg: bool = False,
+        label_offset: int = 0,
     ) -> None:
         super().__init__(shards, image_size=None, label_map=label_map, keep_raw=True)
         self.max_pixels = max_pixels
+        self.label_offset = label_offset
         self.gpu_jpeg = gpu_jpeg
 
     def __iter__(self) -> Iterator[list[Item | ShardEnd]]:  # type: ignore[override]
@@ -86,7 +93,9 @@ class ProtectStream(OnePassStream):
 
     def _item(self, record: Record) -> Item:
         fields = record.raw["fields"] if record.raw else {}
-        item = Item(record.key, record.shard, record.label, record.meta, fields, error=record.error)
+        # G's code: the label, numbered after G's training classes for --new-identities (an error record has -1)
+        code = record.label + self.label_offset if record.error is None else record.label
+        item = Item(record.key, record.shard, code, record.meta, fields, error=record.error)
         if record.error is not None:
             return item
         if record.image is not None:
