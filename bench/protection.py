@@ -213,7 +213,8 @@ def ar_coefficients(num_classes: int, seed: int, size: int = 36, tries: int = 20
         field = field / field.std()
         own = ar_response(b, field)
         if all(
-            ar_response(b, f) > 3 * own and ar_response(o, field) > 3 * ar_response(o, f) for o, f in zip(kept, fields, strict=True)
+            ar_response(b, f) > 3 * own and ar_response(o, field) > 3 * ar_response(o, f)
+            for o, f in zip(kept, fields, strict=True)
         ):
             kept.append(b)
             fields.append(field)

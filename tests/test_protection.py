@@ -14,38 +14,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from protection_testing import REPO, segue, victim_accuracies
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {
-    **os.environ,
-    "OMP_NUM_THREADS": "1",
-    "PYTHONUNBUFFERED": "1",
-    "ATEN_CPU_CAPABILITY": "avx2",
-    "ONEDNN_MAX_CPU_ISA": "AVX2",
-}
 # The bound, from the spread of the same recipe over seeds and CPUs (docs/protection_research.md, "Test bounds"):
 # no-attack accuracy at most half the clean victim's and at most 5.5x chance (22.9% for 24 identities).
 MAX_FRACTION_OF_CLEAN = 0.5
 MAX_X_CHANCE = 5.5
 
 
-def run(*cmd: str, timeout: int = 2400) -> None:
-    proc = subprocess.run(list(cmd), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
 def protects(acc: float, clean: float, chance: float) -> bool:
     """The assertion both the Segue set and the random-noise control are held to."""
     return acc <= MAX_FRACTION_OF_CLEAN * clean and acc <= MAX_X_CHANCE * chance
-
-
-def segue(*args: str) -> None:
-    run(sys.executable, "-m", "segue_dist.cli", *args)
 
 
 @pytest.mark.slow
@@ -71,20 +53,8 @@ def test_victim_trained_on_protected_glint24_fails_on_clean_faces(glint_shards: 
     protected = tmp_path / "protected" / "train"
     segue("protect", "--generator", str(gen / "generator.safetensors"), "--in", str(glint_shards / "train"),
           "--out", str(protected))  # fmt: skip
-    noise = tmp_path / "random" / "train"
-    segue("evaluate", "baseline", "--method", "random", "--in", str(glint_shards / "train"), "--out", str(noise),
-          "--eps", "8/255", "--seed", seed)  # fmt: skip
-    results = tmp_path / "eval"
-    victim = ["train.epochs=8", "train.small_stem=false", "train.workers=1", f"train.seed={seed}"]
-    segue(
-        "evaluate", "victim", "--train", str(protected), "--test", str(glint_shards / "test"), "--clean-train",
-        str(glint_shards / "train"), "--control", "--out", str(results), "--device", "cpu", "method=segue", *victim,
-    )  # fmt: skip
-    segue("evaluate", "victim", "--train", str(noise), "--test", str(glint_shards / "test"), "--out", str(results),
-          "--device", "cpu", "method=random", *victim)  # fmt: skip
-    acc = {m: json.loads((results / f"{m}__resnet18__none.json").read_text()) for m in ("segue", "clean", "random")}
-    chance = acc["segue"]["chance"]
-    clean, protected_acc, control = (acc[m]["final_acc"] for m in ("clean", "segue", "random"))
+    acc = victim_accuracies(protected, glint_shards / "train", glint_shards / "test", tmp_path, seed)
+    chance, clean, protected_acc, control = acc["chance"], acc["clean"], acc["segue"], acc["random"]
     print(f"seed {seed}: segue {protected_acc:.2f}%, clean {clean:.2f}%, random noise {control:.2f}%")
     assert clean > 8 * chance, clean  # the victim does learn these faces
     assert protects(protected_acc, clean, chance), (protected_acc, clean, chance)
