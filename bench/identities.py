@@ -228,9 +228,9 @@ def write_summary(out: Path) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for name in ROWS:
         path = out / f"{name}.json"
-        if not path.exists() or "none" not in read_json(path).get("attacks", {}):
+        rec = read_json(path) if path.exists() else {}
+        if "none" not in rec.get("attacks", {}):
             continue
-        rec = read_json(path)
         cell = rec["attacks"]["none"]
         rows[name] = {
             "clean": round(cell["clean"], 2),

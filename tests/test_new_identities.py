@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import pytest
 from protection_testing import REPO, segue, victim_accuracies
+from test_protect import read_samples
 
 # From the measured spread of this test's seeds under the AVX2 kernels (docs/identities.md, "The test"): the
 # protected victim at 0.32 / 0.48 / 0.27 of the clean one, random noise at 0.99-1.06. Two thirds keeps the mean
@@ -48,7 +48,7 @@ def test_generator_protects_identities_it_never_saw(faces_root: Path, glint_shar
     protected = tmp_path / "protected" / "train"
     segue("protect", "--generator", str(gen / "generator.safetensors"), "--in", str(glint_shards / "train"),
           "--out", str(protected), "--new-identities")  # fmt: skip
-    codes = {json.loads(text)["protected"]["label"] for text in _sample_jsons(protected)}
+    codes = {json.loads(fields["json"])["protected"]["label"] for fields in read_samples(protected).values()}
     assert codes == set(range(SEEN, SEEN + 24)), codes  # every new person got a code G never trained on
     acc = victim_accuracies(protected, glint_shards / "train", glint_shards / "test", tmp_path, seed)
     chance, clean, protected_acc, control = acc["chance"], acc["clean"], acc["segue"], acc["random"]
@@ -56,12 +56,3 @@ def test_generator_protects_identities_it_never_saw(faces_root: Path, glint_shar
     assert clean > 5 * chance, clean  # the victim does learn these faces
     assert protects(protected_acc, clean), (protected_acc, clean)
     assert not protects(control, clean), (control, clean)  # random noise at the same ε does not protect
-
-
-def _sample_jsons(split: Path) -> list[str]:
-    """The JSON field of every sample in a split's shards."""
-    out = []
-    for tar in sorted(split.glob("*.tar")):
-        with tarfile.open(tar) as t:
-            out += [t.extractfile(m).read().decode() for m in t.getmembers() if m.name.endswith(".json")]  # type: ignore[union-attr]
-    return out

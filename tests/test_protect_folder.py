@@ -21,6 +21,7 @@ from test_protect import make_generator
 from segue_dist import protect
 from segue_dist.protect.folder_mode import FolderProtector
 from segue_dist.protect.folder_records import load_journal, photo_labels
+from segue_dist.protect.options import CodeRange
 from segue_dist.protect.perturber import Perturber
 from segue_dist.utils.io import read_json
 from segue_dist.weights import load_generator
@@ -398,6 +399,6 @@ def test_folder_identities_are_numbered_after_the_generators_for_new_people() ->
     """--new-identities in folder mode: identity folders in sorted order get codes offset + 0, 1, ...; too many for
     G's codes is a one-line error naming what is left after its training identities."""
     photos = ["bob/1.jpg", "alice/1.jpg", "alice/2.jpg", "loose.jpg"]
-    assert photo_labels(photos, None, 8, "", offset=5) == {"alice/1.jpg": 5, "alice/2.jpg": 5, "bob/1.jpg": 6}
+    assert photo_labels(photos, None, CodeRange(5, 8, "")) == {"alice/1.jpg": 5, "alice/2.jpg": 5, "bob/1.jpg": 6}
     with pytest.raises(ValueError, match="codes 2 after its 6 training identities"):
-        photo_labels(["a/1.jpg", "b/1.jpg", "c/1.jpg"], None, 8, "", offset=6)
+        photo_labels(["a/1.jpg", "b/1.jpg", "c/1.jpg"], None, CodeRange(6, 8, ""))

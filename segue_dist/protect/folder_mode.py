@@ -40,7 +40,7 @@ from segue_dist.protect.folder_records import (
 )
 from segue_dist.protect.job import OrderedWrites, ProtectJob
 from segue_dist.protect.metadata import KEPT
-from segue_dist.protect.options import ProtectOptions, code_limit
+from segue_dist.protect.options import ProtectOptions, code_range
 from segue_dist.protect.perturber import Perturber, make_thread_pool
 from segue_dist.protect.photo import OpenedPhoto, PhotoFormat, PhotoResult, face_deltas, finish_photo, open_for_protect
 from segue_dist.utils.device import cpus_per_process
@@ -88,16 +88,16 @@ class FolderProtector(ProtectJob):
         cfg = self.gen_cfg
         self.face_size = opts.face_size or training_face_size(self.gen_meta)
         self.spec = PhotoFormat(opts.png_level, opts.jpeg_quality, self.eps_levels)
-        self.offset, self.limit, self.hint = code_limit(opts, cfg)
+        self.codes = code_range(opts, cfg)
         self.threads = opts.threads or cpus_per_process()
         self.chunk_size = self.batch_size
         self.listing = list_folder(self.in_dir, exclude=self.out_dir)
-        self.labels = photo_labels(self.listing.photos, opts.labels, self.limit, self.hint, self.offset)
+        self.labels = photo_labels(self.listing.photos, opts.labels, self.codes)
 
     def context(self) -> dict[str, Any]:
         """What the output bytes depend on (recorded in ``_protect.json``, checked on resume, copied to the manifest)."""
         labels = "folders" if self.opts.labels is None else f"mapping:{file_sha256(Path(self.opts.labels))}"
-        labels += f" + {self.offset}" if self.offset else ""
+        labels += self.codes.context_suffix()
         return {
             "mode": "folder",
             "input": str(self.in_dir),

@@ -15,6 +15,7 @@ from typing import Any
 
 from segue_dist.data.images import IMAGE_EXTENSIONS
 from segue_dist.data.sources import same_path
+from segue_dist.protect.options import CodeRange
 from segue_dist.protect.photo import LOSSLESS_FORMATS
 from segue_dist.utils.io import atomic_write_json, atomic_write_text
 
@@ -83,10 +84,10 @@ def read_label_mapping(path: str) -> dict[str, Any]:
     return {row[0].strip(): row[1].strip() for row in rows}
 
 
-def photo_labels(photos: list[str], labels_path: str | None, limit: int, hint: str, offset: int = 0) -> dict[str, int]:
+def photo_labels(photos: list[str], labels_path: str | None, codes: CodeRange) -> dict[str, int]:
     """Relative path -> G's code. From the identity folder (first path component, identities numbered in sorted
     order as `segue shards build` does) or from ``labels_path``; integer identities are used as labels directly;
-    ``offset`` is added to every label (identities numbered after G's training classes). Photos without an identity
+    ``codes.offset`` is added to every label (identities numbered after G's training classes). Photos without an identity
     are left out (and quarantined by the caller). ``ValueError`` when G cannot code them.
     """
     if labels_path is None:
@@ -96,17 +97,15 @@ def photo_labels(photos: list[str], labels_path: str | None, limit: int, hint: s
         identity = {p: mapping[p] for p in photos if p in mapping}
     values = set(identity.values())
     if all(isinstance(v, int) or (isinstance(v, str) and v.isdigit()) for v in values):
-        codes = {v: int(v) for v in values}
+        index_of = {v: int(v) for v in values}
     else:
         index = {name: i for i, name in enumerate(sorted({str(v) for v in values}))}
-        codes = {v: index[str(v)] for v in values}
-    codes = {v: c + offset for v, c in codes.items()}
-    if codes and max(codes.values()) >= limit:
-        after = f" after its {offset} training identities" if offset else ""
-        raise ValueError(
-            f"{len(values)} identities / labels up to {max(codes.values()) - offset}: G codes {limit - offset}{after}{hint}"
-        )
-    return {p: codes[v] for p, v in identity.items()}
+        index_of = {v: index[str(v)] for v in values}
+    coded = {v: c + codes.offset for v, c in index_of.items()}
+    if coded and max(coded.values()) >= codes.limit:
+        top = max(coded.values()) - codes.offset
+        raise ValueError(f"{len(values)} identities / labels up to {top}: G codes {codes.room()}")
+    return {p: coded[v] for p, v in identity.items()}
 
 
 def file_digest(path: Path) -> str:

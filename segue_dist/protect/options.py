@@ -163,49 +163,60 @@ def sidecar_file(path: str) -> Path:
     return p / "pseudo_labels.json" if p.is_dir() else p
 
 
+@dataclass(frozen=True)
+class CodeRange:
+    """G's codes for a set's labels: code = label + ``offset``, legal in ``[0, limit)``."""
+
+    offset: int  # G's training classes for --new-identities, else 0
+    limit: int
+    hint: str  # the flag that widens the limit ("" when none does), for error messages
+
+    def room(self) -> str:
+        """How many labels G can code for this set, for error messages ("5 after its 3 training identities")."""
+        after = f" after its {self.offset} training identities" if self.offset else ""
+        return f"{self.limit - self.offset}{after}{self.hint}"
+
+    def context_suffix(self) -> str:
+        """What the offset adds to the label source recorded for a resume ("" without one)."""
+        return f" + {self.offset}" if self.offset else ""
+
+
 @dataclass
 class LabelPlan:
     label_map: dict[str, int] | None  # None = use `.cls`
-    limit: int  # codes (label + offset) must be in [0, limit)
+    codes: CodeRange
     warnings: list[str] = field(default_factory=list)
-    offset: int = 0  # added to every label: G's training classes for --new-identities, else 0
 
 
-def code_limit(opts: ProtectOptions, gen_cfg: Any) -> tuple[int, int, str]:
-    """(offset, limit, hint): codes are label + offset in [0, limit); the hint names the flag that widens the limit.
-
-    With ``new_identities`` the set's identities are numbered after G's ``num_classes`` training identities (paper:
-    the once-trained generator protects people who joined later), so every code above them is legal.
-    """
+def code_range(opts: ProtectOptions, gen_cfg: Any) -> CodeRange:
+    """The codes G gives a set's labels. With ``new_identities`` the set's identities are numbered after G's
+    ``num_classes`` training identities (paper: the once-trained generator protects people who joined later), so every
+    code above them is legal; ``allow_unseen_labels`` takes the labels as codes, up to ``2**bits - 1``."""
     num_classes, bits = int(gen_cfg.num_classes), int(gen_cfg.bits)
     offset = num_classes if opts.new_identities else 0
     if opts.allow_unseen_labels or opts.new_identities:
-        return offset, 2**bits, ""
-    return offset, num_classes, f" (--allow-unseen-labels accepts labels up to {2**bits - 1})"
+        return CodeRange(offset, 2**bits, "")
+    return CodeRange(offset, num_classes, f" (--allow-unseen-labels accepts labels up to {2**bits - 1})")
 
 
 def plan_labels(opts: ProtectOptions, shard_set: ShardSet, gen_meta: dict[str, Any], gen_cfg: Any) -> LabelPlan:
     """Where G's side information comes from, and a clear error if the generator cannot code those labels."""
-    offset, limit, hint = code_limit(opts, gen_cfg)
-    after = f" after its {offset} training identities" if offset else ""
+    codes = code_range(opts, gen_cfg)
     warnings_: list[str] = []
     if opts.labels is not None:
         label_map, k = read_sidecar(opts.labels)
-        if k + offset > limit:
-            raise ValueError(
-                f"sidecar {opts.labels} has K={k} pseudo-labels but the generator codes {limit - offset}{after}{hint}"
-            )
-        return LabelPlan(label_map, limit, warnings_, offset)
+        if k + codes.offset > codes.limit:
+            raise ValueError(f"sidecar {opts.labels} has K={k} pseudo-labels but the generator codes {codes.room()}")
+        return LabelPlan(label_map, codes, warnings_)
     if shard_set.labels:
         top = max(shard_set.labels.values())
-        if top + offset >= limit:
+        if top + codes.offset >= codes.limit:
             raise ValueError(
-                f"{shard_set.root}/labels.json has labels up to {top} but the generator codes only "
-                f"{limit - offset}{after}{hint}"
+                f"{shard_set.root}/labels.json has labels up to {top} but the generator codes only {codes.room()}"
             )
         trained_hash = gen_meta.get("label_map_sha256", "")
         if (
-            not offset
+            not codes.offset
             and trained_hash
             and gen_meta.get("label_source", "cls") == "cls"
             and trained_hash != label_map_hash(shard_set.labels)
@@ -214,4 +225,4 @@ def plan_labels(opts: ProtectOptions, shard_set: ShardSet, gen_meta: dict[str, A
                 "the generator was trained with a different label map than this shard set's labels.json: labels "
                 "just index codes, so this works, but identity i gets the code identity i had in training"
             )
-    return LabelPlan(None, limit, warnings_, offset)
+    return LabelPlan(None, codes, warnings_)

@@ -118,7 +118,7 @@ class Protector(ProtectJob):
         opts = self.opts
         spec = {"png_level": opts.png_level} if opts.format == "png" else {"jpeg_quality": opts.jpeg_quality}
         labels = "cls" if opts.labels is None else f"sidecar:{file_sha256(sidecar_file(opts.labels))}"
-        labels += f" + {self.labels.offset}" if self.labels.offset else ""
+        labels += self.labels.codes.context_suffix()
         return {
             "generator_sha256": self.generator_sha,
             "eps": self.eps,
@@ -169,7 +169,7 @@ class Protector(ProtectJob):
             label_map=self.labels.label_map,
             max_pixels=self.opts.max_pixels,
             gpu_jpeg=self.codec is not None,
-            label_offset=self.labels.offset,
+            label_offset=self.labels.codes.offset,
         )
         expected = sum(self.shard_set.sizes[Path(s).name] for s in todo)
         pool = make_encode_pool(self.encode_backend, self.encoders)
@@ -257,9 +257,9 @@ class Protector(ProtectJob):
         return ShardWriter(self.out_dir, name, self.shard_set.sizes[name], context)
 
     def _label_error(self, item: Item) -> str | None:
-        if 0 <= item.label < self.labels.limit:
+        if 0 <= item.label < self.labels.codes.limit:
             return None
-        return f"label {item.label} outside the generator's codes 0..{self.labels.limit - 1}"
+        return f"label {item.label} outside the generator's codes 0..{self.labels.codes.limit - 1}"
 
     def _submit(self, batch: list[Item], pool: Executor, g_pool: Executor | None) -> PendingBatch:
         """Start G on the batch (CPU: on a G thread; CUDA: asynchronously here) and its encoding in the pool, which
