@@ -155,9 +155,12 @@ def trained_generator(args: argparse.Namespace, name: str, record: dict[str, Any
         args.shards / spec.shards / "train", out, args.seed, SIZE, args.train_config, overrides, extra
     )
     record["generator"] = {
-        "name": name, "trained_on": spec.shards, "side_information": spec.labels, "train_overrides": args.train_set,
+        "name": name,
+        "trained_on": spec.shards,
+        "side_information": spec.labels,
+        "train_overrides": args.train_set,
         **extra,
-    }  # fmt: skip
+    }
     return path, int(read_json(path.with_suffix(".json"))["generator"]["num_classes"]), sidecar
 
 

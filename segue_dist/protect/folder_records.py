@@ -101,11 +101,10 @@ def photo_labels(photos: list[str], labels_path: str | None, codes: CodeRange) -
     else:
         index = {name: i for i, name in enumerate(sorted({str(v) for v in values}))}
         index_of = {v: index[str(v)] for v in values}
-    coded = {v: c + codes.offset for v, c in index_of.items()}
-    if coded and max(coded.values()) >= codes.limit:
-        top = max(coded.values()) - codes.offset
+    top = max(index_of.values(), default=-1)
+    if not codes.fits(top):
         raise ValueError(f"{len(values)} identities / labels up to {top}: G codes {codes.room()}")
-    return {p: coded[v] for p, v in identity.items()}
+    return {p: index_of[v] + codes.offset for p, v in identity.items()}
 
 
 def file_digest(path: Path) -> str:

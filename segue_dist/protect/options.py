@@ -171,6 +171,10 @@ class CodeRange:
     limit: int
     hint: str  # the flag that widens the limit ("" when none does), for error messages
 
+    def fits(self, top_label: int) -> bool:
+        """Whether labels ``0..top_label`` all get a legal code."""
+        return top_label + self.offset < self.limit
+
     def room(self) -> str:
         """How many labels G can code for this set, for error messages ("5 after its 3 training identities")."""
         after = f" after its {self.offset} training identities" if self.offset else ""
@@ -205,12 +209,12 @@ def plan_labels(opts: ProtectOptions, shard_set: ShardSet, gen_meta: dict[str, A
     warnings_: list[str] = []
     if opts.labels is not None:
         label_map, k = read_sidecar(opts.labels)
-        if k + codes.offset > codes.limit:
+        if not codes.fits(k - 1):
             raise ValueError(f"sidecar {opts.labels} has K={k} pseudo-labels but the generator codes {codes.room()}")
         return LabelPlan(label_map, codes, warnings_)
     if shard_set.labels:
         top = max(shard_set.labels.values())
-        if top + codes.offset >= codes.limit:
+        if not codes.fits(top):
             raise ValueError(
                 f"{shard_set.root}/labels.json has labels up to {top} but the generator codes only {codes.room()}"
             )
