@@ -84,14 +84,19 @@ def protect_lsp(images: torch.Tensor, labels: torch.Tensor, num_classes: int, ar
 
 
 def protect_tap(images: torch.Tensor, labels: torch.Tensor, num_classes: int, args: argparse.Namespace) -> torch.Tensor:
-    """Targeted adversarial poisoning (baselines/tap.py) with a surrogate of the victim's architecture and stem."""
+    """Targeted adversarial poisoning (baselines/tap.py) with a surrogate of the victim's architecture and stem,
+    from fresh weights or from ``--tap-pretrained`` (a local backbone file; its head is re-initialised), then trained
+    on the clean set for ``--tap-epochs``."""
     from segue_dist.models.classifiers import build_classifier
 
     x = images.float() / 255
+    pretrained = args.tap_pretrained or None
     delta = make_baseline_perturbations(
         "tap", x, labels, num_classes, eps=args.eps, seed=args.seed,
-        model_factory=lambda: build_classifier("resnet18", num_classes, images.shape[-1], small_stem=False),
-        pgd_steps=args.tap_steps,
+        model_factory=lambda: build_classifier(
+            "resnet18", num_classes, images.shape[-1], pretrained=pretrained, small_stem=False
+        ),
+        pgd_steps=args.tap_steps, train_epochs=args.tap_epochs,
     )  # fmt: skip
     return quantise(images, delta, args.eps)
 
@@ -490,6 +495,8 @@ def main() -> None:
     r.add_argument("--eps", type=float, default=8 / 255)
     r.add_argument("--seeds", default="0", help="comma-separated seeds (G's training seed and the victim's)")
     r.add_argument("--tap-steps", type=int, default=30, help="tap: targeted PGD steps")
+    r.add_argument("--tap-epochs", type=int, default=10, help="tap: the surrogate's epochs on the clean set")
+    r.add_argument("--tap-pretrained", default="", help="tap: local backbone weights the surrogate starts from")
     r.add_argument("--grid", type=int, default=4, help="blocks probe: cells per side")
     r.add_argument("--ar-gain", type=float, default=1.0, help="AR probe: gain on the L∞-normalised field, then clip")
     r.add_argument("--train-config", default=str(REPO / "configs/train/default.yaml"))

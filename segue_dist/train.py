@@ -248,13 +248,18 @@ def resets_surrogate(epoch: int, cfg: TrainConfig) -> bool:
 
 @torch.no_grad()
 def reset_surrogate(f: Runner, cfg: TrainConfig, num_classes: int, epoch: int) -> None:
-    """Fresh weights for f (seeded by (seed, epoch), so every rank and a resumed run draw the same) and empty Adam
-    state. The parameters are copied in place: DDP and the optimiser keep pointing at the same tensors."""
+    """Fresh weights for f, or for its grayscale network alone (``f_reset_part``), seeded by (seed, epoch) so every
+    rank and a resumed run draw the same, and empty Adam state for the renewed parameters. The parameters are copied
+    in place: DDP and the optimiser keep pointing at the same tensors."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "f-reset", epoch))
         fresh = build_surrogate(cfg, num_classes, pretrained=False)
-    f.module.load_state_dict(fresh.state_dict())
-    f.base_optimizer.state.clear()
+    prefix = "gray." if cfg.f_reset_part == "gray" else ""
+    f.module.load_state_dict({k: v for k, v in fresh.state_dict().items() if k.startswith(prefix)}, strict=not prefix)
+    renewed = {id(p) for name, p in f.module.named_parameters() if name.startswith(prefix)}
+    state = f.base_optimizer.state
+    for param in [p for p in state if id(p) in renewed]:
+        del state[param]
 
 
 def lr_at(epoch: int, base: float, cfg: TrainConfig) -> float:

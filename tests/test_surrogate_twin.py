@@ -1,10 +1,12 @@
 """The grayscale twin surrogate (`surrogate.grayscale_twin`): its grayscale network sees luminance only, its loss is
-the mean of the two networks', and a whole training run with it resumes bit for bit and exports a plain G."""
+the mean of the two networks', a whole training run with it resumes bit for bit and exports a plain G, and a reset
+can renew its grayscale network alone (`f_reset_part=gray`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,6 +18,9 @@ import segue_dist.train as train_module
 from segue_dist.distortion import to_grayscale
 from segue_dist.models import build_classifier
 from segue_dist.models.surrogate import GrayscaleTwin, view_cross_entropy
+from segue_dist.train import reset_surrogate
+from segue_dist.training.build import build_surrogate
+from segue_dist.training.config import DataConfig, SurrogateConfig, TrainConfig
 from segue_dist.weights import load_generator, load_state
 
 TWIN = "surrogate.grayscale_twin=true"
@@ -87,3 +92,37 @@ def test_a_twin_run_resumes_bit_identically_and_exports_a_plain_generator(
     assert any(not torch.equal(single[k], whole_g[k]) for k in single)
     config = json.loads((tmp_path / "whole" / "generator.json").read_text())
     assert config["train_config"]["surrogate"]["grayscale_twin"] is True
+
+
+def reset_fixture(part: str) -> tuple[TrainConfig, SimpleNamespace]:
+    cfg = TrainConfig(
+        data=DataConfig(image_size=[32]), surrogate=SurrogateConfig(grayscale_twin=True), f_reset_part=part
+    )
+    torch.manual_seed(0)
+    model = build_surrogate(cfg, 5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    view_cross_entropy(model(torch.rand(4, 3, 32, 32)), torch.arange(4)).backward()
+    optimizer.step()  # every parameter now has Adam state
+    return cfg, SimpleNamespace(module=model, base_optimizer=optimizer)
+
+
+@pytest.mark.parametrize("part", ["gray", "all"])
+def test_a_reset_renews_the_part_it_names_and_keeps_the_rest_with_its_adam_state(part: str) -> None:
+    cfg, f = reset_fixture(part)
+    before = {k: v.clone() for k, v in f.module.state_dict().items()}
+    reset_surrogate(f, cfg, 5, epoch=5)  # type: ignore[arg-type]
+    after = f.module.state_dict()
+    state = f.base_optimizer.state
+    for prefix in ("colour.", "gray."):
+        renewed = part == "all" or prefix == "gray."
+        weights = [k for k in after if k.startswith(prefix) and k.endswith("conv1.weight")]
+        assert weights and all(torch.equal(before[k], after[k]) != renewed for k in weights), prefix
+        params = [p for n, p in f.module.named_parameters() if n.startswith(prefix)]
+        assert all((p in state) != renewed for p in params), prefix
+
+
+def test_a_gray_only_reset_needs_a_twin() -> None:
+    with pytest.raises(ValueError, match="f_reset_part=gray needs surrogate.grayscale_twin"):
+        TrainConfig(f_reset_part="gray")
+    with pytest.raises(ValueError, match="f_reset_part must be one of all, gray"):
+        TrainConfig(f_reset_part="colour")

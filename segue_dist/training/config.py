@@ -13,6 +13,7 @@ from segue_dist.distortion import DistortionConfig
 from segue_dist.models.generator import GeneratorConfig
 
 SCHEDULES = ("alternate", "joint")  # see TrainConfig.schedule
+F_RESET_PARTS = ("all", "gray")  # see TrainConfig.f_reset_part
 
 
 @dataclass
@@ -100,6 +101,10 @@ class TrainConfig:
     # joint: re-initialise f (fresh weights, fresh optimiser state) every this many epochs, 0 = never. A fresh f
     # learns what is easiest first, so G keeps being pushed toward what a victim trained from scratch picks up first.
     f_reset_every: int = 0
+    # Which part of f each reset renews: all of it, or only a grayscale twin's luminance network (the colour network
+    # keeps the shortcut it has learned while a fresh grayscale network keeps asking for a luminance pattern that a
+    # network trained from scratch picks up first).
+    f_reset_part: str = "all"
     # Stop once f's loss on the unlearnable examples, averaged over an epoch in which f trains and across ranks,
     # is below this (paper, section III-D: "when the loss of f on the unlearnable examples drops below 0.001").
     stop_loss: float = 1e-3
@@ -119,6 +124,10 @@ class TrainConfig:
             raise ValueError(f"f_every must be >= 2 (one f epoch then G epochs), got {self.f_every}")
         if self.f_reset_every < 0:
             raise ValueError(f"f_reset_every must be >= 0, got {self.f_reset_every}")
+        if self.f_reset_part not in F_RESET_PARTS:
+            raise ValueError(f"f_reset_part must be one of {', '.join(F_RESET_PARTS)}, got {self.f_reset_part!r}")
+        if self.f_reset_part == "gray" and not self.surrogate.grayscale_twin:
+            raise ValueError("f_reset_part=gray needs surrogate.grayscale_twin=true (there is no grayscale network)")
         if self.curriculum.from_epoch > self.epochs:
             raise ValueError(
                 f"curriculum.from_epoch {self.curriculum.from_epoch} is after the last epoch {self.epochs}"
