@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torchvision.transforms.functional import center_crop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,21 +35,13 @@ from segue_dist.utils.io import atomic_write_json  # noqa: E402
 from segue_dist.weights import save_safetensors  # noqa: E402
 
 
-def centre_crop(images: torch.Tensor, side: int) -> torch.Tensor:
-    """The centred ``side`` x ``side`` window of (N, C, H, W) images; the whole image when ``side`` is 0."""
-    if not side:
-        return images
-    height, width = images.shape[-2:]
-    if side > min(height, width):
-        raise SystemExit(f"--crop {side} is larger than the images ({height}x{width})")
-    top, left = (height - side) // 2, (width - side) // 2
-    return images[..., top : top + side, left : left + side]
-
-
 def pretrain(shards: Path, crop: int, epochs: int, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A ResNet-18 trained on every photo (train and test splits) of ``shards``, its images centre-cropped."""
     splits = [load_image_set(shards / split, workers=1) for split in ("train", "test")]
-    images = centre_crop(torch.cat([s.images for s in splits]), crop).float() / 255
+    images = torch.cat([s.images for s in splits])
+    if crop > min(images.shape[-2:]):
+        raise SystemExit(f"--crop {crop} is larger than the images ({images.shape[-2]}x{images.shape[-1]})")
+    images = (center_crop(images, [crop, crop]) if crop else images).float() / 255
     labels = torch.cat([s.labels for s in splits])
     torch.manual_seed(seed)
     model = build_classifier("resnet18", splits[0].num_classes, images.shape[-1], small_stem=False)
@@ -58,9 +51,8 @@ def pretrain(shards: Path, crop: int, epochs: int, seed: int) -> tuple[torch.nn.
     return model, {**info, "epochs": epochs, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def target_accuracy(target: Path, backbone: Path | None, epochs: int, seed: int) -> float:
-    """Test accuracy (percent) on ``target`` of TAP's surrogate after ``epochs`` on its clean training split."""
-    train, test = (load_image_set(target / split, workers=1) for split in ("train", "test"))
+def target_accuracy(train: Any, test: Any, backbone: Path | None, epochs: int, seed: int) -> float:
+    """Test accuracy (percent) on ``test`` of TAP's surrogate after ``epochs`` on the clean ``train`` split."""
     torch.manual_seed(seed)
     model = build_classifier(
         "resnet18", train.num_classes, train.images.shape[-1], pretrained=backbone, small_stem=False
@@ -85,10 +77,11 @@ def main() -> None:
     model, record = pretrain(args.pretrain, args.crop, args.epochs, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(model.backbone.state_dict(), args.out)
+    train, test = (load_image_set(args.target / split, workers=1) for split in ("train", "test"))
     accuracy: dict[str, dict[str, float]] = {"fresh": {}, "pretrained": {}}
     for epochs in (int(e) for e in args.finetune_epochs.split(",")):
-        accuracy["fresh"][str(epochs)] = target_accuracy(args.target, None, epochs, args.seed)
-        accuracy["pretrained"][str(epochs)] = target_accuracy(args.target, args.out, epochs, args.seed)
+        accuracy["fresh"][str(epochs)] = target_accuracy(train, test, None, epochs, args.seed)
+        accuracy["pretrained"][str(epochs)] = target_accuracy(train, test, args.out, epochs, args.seed)
         print(f"{epochs} epochs on {args.target}: fresh {accuracy['fresh'][str(epochs)]}%, "
               f"pretrained {accuracy['pretrained'][str(epochs)]}%")  # fmt: skip
     atomic_write_json(

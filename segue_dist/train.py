@@ -256,10 +256,9 @@ def reset_surrogate(f: Runner, cfg: TrainConfig, num_classes: int, epoch: int) -
         fresh = build_surrogate(cfg, num_classes, pretrained=False)
     prefix = "gray." if cfg.f_reset_part == "gray" else ""
     f.module.load_state_dict({k: v for k, v in fresh.state_dict().items() if k.startswith(prefix)}, strict=not prefix)
-    renewed = {id(p) for name, p in f.module.named_parameters() if name.startswith(prefix)}
-    state = f.base_optimizer.state
-    for param in [p for p in state if id(p) in renewed]:
-        del state[param]
+    for name, param in f.module.named_parameters():
+        if name.startswith(prefix):
+            f.base_optimizer.state.pop(param, None)
 
 
 def lr_at(epoch: int, base: float, cfg: TrainConfig) -> float:

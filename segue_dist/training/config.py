@@ -101,9 +101,8 @@ class TrainConfig:
     # joint: re-initialise f (fresh weights, fresh optimiser state) every this many epochs, 0 = never. A fresh f
     # learns what is easiest first, so G keeps being pushed toward what a victim trained from scratch picks up first.
     f_reset_every: int = 0
-    # Which part of f each reset renews: all of it, or only a grayscale twin's luminance network (the colour network
-    # keeps the shortcut it has learned while a fresh grayscale network keeps asking for a luminance pattern that a
-    # network trained from scratch picks up first).
+    # Which part of f each reset renews: all of it, or only a grayscale twin's luminance network, so the colour
+    # network keeps the shortcut it has learned (a screen; it did not help: docs/protection_research.md, section 10).
     f_reset_part: str = "all"
     # Stop once f's loss on the unlearnable examples, averaged over an epoch in which f trains and across ranks,
     # is below this (paper, section III-D: "when the loss of f on the unlearnable examples drops below 0.001").
